@@ -1,0 +1,1 @@
+"""Benchmarks of jaxdecomp and solvers against their anchors: `python -m benchmarks`."""

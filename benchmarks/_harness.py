@@ -1,0 +1,111 @@
+"""Timing, memory and table helpers shared by every benchmark.
+
+Every timing is the median of `repeats` runs after `warmup` calls (which also compile),
+with `jax.block_until_ready` on the outputs. Anchors are timed in the same process, so
+ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def time_fn(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `fn(*args)` (outputs blocked on) after warm-up."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def compiled_temp_bytes(jitted: Callable, *args) -> int | None:
+    """XLA's temporary-buffer size for `jitted(*args)` (peak scratch memory), or None
+    where the backend does not report it."""
+    try:
+        stats = jitted.lower(*args).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 - reporting only
+        return None
+    if stats is None:
+        return None
+    return int(stats.temp_size_in_bytes)
+
+
+def optional_import(name: str, extra: str = "bench"):
+    """Import an anchor library, or print a one-line skip message and return None."""
+    try:
+        return importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        print(
+            f"  (skipping {name}: not available [{type(e).__name__}]; "
+            f"pip install -e '.[{extra}]')"
+        )
+        return None
+
+
+def machine() -> str:
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{dev.platform}:{getattr(dev, 'device_kind', '')} | {cpu} "
+        f"({os.cpu_count()} cores) | jax {jax.__version__}"
+    )
+
+
+def fmt(x: Any) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        if abs(x) >= 1e4 or abs(x) < 1e-2:
+            return f"{x:.2e}"
+        return f"{x:.3g}"
+    return str(x)
+
+
+@dataclasses.dataclass
+class Table:
+    """One result table: a title, column names, rows and free-form notes."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, *row):
+        if len(row) != len(self.columns):
+            raise ValueError(f"row {row} does not match columns {self.columns}")
+        self.rows.append(list(row))
+
+    def markdown(self) -> str:
+        out = [f"### {self.title}", ""]
+        out.append("| " + " | ".join(self.columns) + " |")
+        out.append("|" + "|".join("---" for _ in self.columns) + "|")
+        for row in self.rows:
+            out.append("| " + " | ".join(fmt(x) for x in row) + " |")
+        out.extend(["", *[f"- {n}" for n in self.notes]])
+        return "\n".join(out)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)

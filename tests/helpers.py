@@ -1,0 +1,45 @@
+"""Shared test helpers."""
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+
+def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
+    """Whether two pytrees have equal structure and allclose leaves."""
+    if jtu.tree_structure(x) != jtu.tree_structure(y):
+        return False
+    return all(
+        np.shape(a) == np.shape(b) and np.allclose(a, b, rtol=rtol, atol=atol)
+        for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y))
+    )
+
+
+def assert_tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
+    assert jtu.tree_structure(x) == jtu.tree_structure(y), (
+        jtu.tree_structure(x),
+        jtu.tree_structure(y),
+    )
+    for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+def finite_difference_jvp(fn, primals, tangents, eps=1e-6):
+    """Central finite-difference JVP of `fn` at `primals` along `tangents` (pytrees)."""
+    plus = jtu.tree_map(lambda p, t: p + eps * t, primals, tangents)
+    minus = jtu.tree_map(lambda p, t: p - eps * t, primals, tangents)
+    return jtu.tree_map(lambda a, b: (a - b) / (2 * eps), fn(*plus), fn(*minus))
+
+
+def random_like(key, tree):
+    """Standard-normal pytree with the structure, shapes and dtypes of `tree`."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return jtu.tree_unflatten(
+        treedef,
+        [
+            jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+            for k, x in zip(keys, leaves)
+        ],
+    )

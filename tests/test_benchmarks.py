@@ -1,0 +1,35 @@
+"""The benchmark runner and harness work (tiny sizes; timings are not asserted)."""
+
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import _harness, implicit
+from benchmarks.__main__ import main
+
+
+def test_table_and_timer():
+    t = _harness.Table("demo", ["a", "b"])
+    t.add("x", 1.5e-5)
+    with pytest.raises(ValueError):
+        t.add("only one")
+    md = t.markdown()
+    assert "| a | b |" in md and "1.50e-05" in md
+    assert _harness.time_fn(lambda: jnp.ones(3), repeats=2) >= 0
+
+
+def test_implicit_benchmark_runs_and_is_accurate():
+    tables = implicit.bench(d=20, steps=400, repeats=1)
+    main_tables = [t for t in tables if "hypergradient," in t.title]
+    assert len(main_tables) == 2
+    for table in main_tables:
+        errors = {row[0]: row[-1] for row in table.rows if row[-1] is not None}
+        assert errors["jaxdecomp implicit (auto)"] < 1e-9
+        assert errors["jaxdecomp implicit (dense LU)"] < 1e-9
+    early = tables[-1]
+    ours = [row for row in early.rows if row[1] == "jaxdecomp implicit"]
+    assert ours and all(row[3].startswith("raised") for row in ours)
+
+
+def test_runner_rejects_unknown_name():
+    with pytest.raises(SystemExit):
+        main(["no-such-benchmark"])

@@ -1,0 +1,568 @@
+"""Tests for `jaxdecomp.custom_root` / `jaxdecomp.custom_fixed_point`."""
+
+import warnings
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import lineax as lx
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxdecomp
+
+from .helpers import assert_tree_allclose, finite_difference_jvp
+
+HI = lax.Precision.HIGHEST
+
+
+# --------------------------------------------------------------------------------------
+# Ridge regression: F(w) = X^T (X w - y) + lam w, closed form (X^T X + lam I)^-1 X^T y.
+# --------------------------------------------------------------------------------------
+
+
+def ridge_grad(w, lam, X, y):
+    r = jnp.matmul(X, w, precision=HI) - y
+    return jnp.matmul(X.T, r, precision=HI) + lam * w
+
+
+def ridge_closed(lam, X, y):
+    d = X.shape[1]
+    A = jnp.matmul(X.T, X, precision=HI) + lam * jnp.eye(d, dtype=X.dtype)
+    return jnp.linalg.solve(A, jnp.matmul(X.T, y, precision=HI))
+
+
+def make_ridge_solver(steps=None, **options):
+    """A gradient-descent inner solver (never differentiated)."""
+
+    @jaxdecomp.custom_root(ridge_grad, **options)
+    def solver(w0, lam, X, y):
+        L = jnp.linalg.norm(X, ord=2) ** 2 + lam
+        n_steps = 4000 if steps is None else steps
+        return lax.fori_loop(
+            0, n_steps, lambda _, w: w - ridge_grad(w, lam, X, y) / L, w0
+        )
+
+    return solver
+
+
+def ridge_data(key, n=30, d=5, dtype=jnp.float64):
+    kx, ky = jr.split(key)
+    X = jr.normal(kx, (n, d), dtype) / jnp.sqrt(jnp.asarray(n, dtype))
+    y = jr.normal(ky, (n,), dtype)
+    return X, y
+
+
+class _NaiveCG(eqx.Module):
+    """A plain JAXopt-style `solve(matvec, b)` for the callable-solver path."""
+
+    def __call__(self, matvec, b):
+        def body(_, c):
+            x, r, p, rs = c
+            Ap = matvec(p)
+            alpha = rs / jnp.vdot(p, Ap)
+            x, r = x + alpha * p, r - alpha * Ap
+            rs_new = jnp.vdot(r, r)
+            return x, r, r + (rs_new / rs) * p, rs_new
+
+        init = (jnp.zeros_like(b), b, b, jnp.vdot(b, b))
+        return lax.fori_loop(0, b.size, body, init)[0]
+
+
+SOLVES = {
+    "auto": None,
+    "cg": lx.CG(rtol=1e-12, atol=1e-12),
+    "gmres": lx.GMRES(rtol=1e-12, atol=1e-12),
+    "lu": lx.LU(),
+    "callable": _NaiveCG(),
+}
+
+
+@pytest.mark.parametrize("solve", SOLVES)
+def test_ridge_value_and_jacobians(getkey, solve):
+    X, y = ridge_data(getkey())
+    lam = jnp.asarray(0.7)
+    solver = make_ridge_solver(solve=SOLVES[solve], symmetric=True)
+    w0 = jnp.zeros(X.shape[1])
+    assert_tree_allclose(solver(w0, lam, X, y), ridge_closed(lam, X, y), rtol=1e-10)
+    expected = jax.jacfwd(ridge_closed, argnums=(0, 1, 2))(lam, X, y)
+    fwd = jax.jacfwd(solver, argnums=(1, 2, 3))(w0, lam, X, y)
+    rev = jax.jacrev(solver, argnums=(1, 2, 3))(w0, lam, X, y)
+    assert_tree_allclose(fwd, expected, rtol=1e-8, atol=1e-10)
+    assert_tree_allclose(rev, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_ridge_check_grads_order2(getkey):
+    X, y = ridge_data(getkey(), n=12, d=4)
+    solver = make_ridge_solver()
+    w0 = jnp.zeros(4)
+    check_grads(
+        lambda lam, X, y: solver(w0, lam, X, y),
+        (jnp.asarray(0.5), X, y),
+        order=2,
+        modes=("fwd", "rev"),
+    )
+
+
+def test_ridge_hessian_matches_closed_form(getkey):
+    X, y = ridge_data(getkey())
+    solver = make_ridge_solver()
+    w0 = jnp.zeros(X.shape[1])
+    u = jr.normal(getkey(), (X.shape[1],))
+
+    def outer(lam, X):
+        return jnp.vdot(u, solver(w0, lam, X, y)) ** 2
+
+    def outer_ref(lam, X):
+        return jnp.vdot(u, ridge_closed(lam, X, y)) ** 2
+
+    args = (jnp.asarray(0.3), X)
+    assert_tree_allclose(
+        jax.hessian(outer, argnums=(0, 1))(*args),
+        jax.hessian(outer_ref, argnums=(0, 1))(*args),
+        rtol=1e-7,
+        atol=1e-9,
+    )
+
+
+def test_large_system_uses_iterative_solver(getkey):
+    # d > DENSE_MAX_SIZE: the automatic choice is CG (symmetric) / GMRES (general).
+    d = jaxdecomp._implicit.DENSE_MAX_SIZE + 44
+    X, y = ridge_data(getkey(), n=2 * d, d=d)
+    lam = jnp.asarray(1.0)
+    w0 = jnp.zeros(d)
+    v = jr.normal(getkey(), (d,))
+    expected = jax.grad(lambda lam: jnp.vdot(v, ridge_closed(lam, X, y)))(lam)
+    for symmetric in (True, False):
+
+        @jaxdecomp.custom_root(ridge_grad, symmetric=symmetric)
+        def solver(w0, lam, X, y):
+            return ridge_closed(lam, X, y)
+
+        got = jax.grad(lambda lam: jnp.vdot(v, solver(w0, lam, X, y)))(lam)
+        np.testing.assert_allclose(got, expected, rtol=1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# Lasso by proximal gradient, as a fixed point. Orthogonal design => closed form
+# w* = soft_threshold(X^T y, lam).
+# --------------------------------------------------------------------------------------
+
+
+def soft_threshold(z, t):
+    return jnp.sign(z) * jnp.maximum(jnp.abs(z) - t, 0.0)
+
+
+def prox_grad_step(w, lam, X, y):
+    eta = 0.5
+    g = jnp.matmul(X.T, jnp.matmul(X, w, precision=HI) - y, precision=HI)
+    return soft_threshold(w - eta * g, eta * lam)
+
+
+@jaxdecomp.custom_fixed_point(prox_grad_step)
+def lasso_solver(w0, lam, X, y):
+    return lax.fori_loop(0, 200, lambda _, w: prox_grad_step(w, lam, X, y), w0)
+
+
+def lasso_closed(lam, X, y):
+    return soft_threshold(jnp.matmul(X.T, y, precision=HI), lam)
+
+
+def lasso_data(key, n=8, d=5):
+    Q, _ = jnp.linalg.qr(jr.normal(key, (n, n)))
+    X = Q[:, :d]  # orthonormal columns
+    # X^T y = z with entries well away from the threshold (no kinks nearby).
+    z = jnp.array([2.0, -1.5, 0.2, -0.1, 1.2])
+    y = jnp.matmul(X, z, precision=HI)
+    return X, y
+
+
+def test_lasso_value_and_derivatives(getkey):
+    X, y = lasso_data(getkey())
+    lam = jnp.asarray(0.5)
+    w0 = jnp.zeros(5)
+    assert_tree_allclose(lasso_solver(w0, lam, X, y), lasso_closed(lam, X, y))
+    for jac in (jax.jacfwd, jax.jacrev):
+        assert_tree_allclose(
+            jac(lasso_solver, argnums=(1, 3))(w0, lam, X, y),
+            jax.jacfwd(lasso_closed, argnums=(0, 2))(lam, X, y),
+            rtol=1e-9,
+            atol=1e-12,
+        )
+    check_grads(
+        lambda lam, y: lasso_solver(w0, lam, X, y),
+        (lam, y),
+        order=2,
+        modes=("fwd", "rev"),
+        eps=1e-4,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Transformations, pytrees, closures, aux.
+# --------------------------------------------------------------------------------------
+
+
+def test_vmap_matches_loop(getkey):
+    X, y = ridge_data(getkey())
+    solver = make_ridge_solver()
+    w0 = jnp.zeros(X.shape[1])
+    lams = jnp.array([0.1, 0.5, 2.0])
+    ys = jnp.stack([y, 2 * y, -y])
+
+    def f(lam, y):
+        return jax.grad(lambda lam: jnp.sum(solver(w0, lam, X, y) ** 2))(lam)
+
+    batched = jax.vmap(f)(lams, ys)
+    looped = jnp.stack([f(lam, y) for lam, y in zip(lams, ys)])
+    assert_tree_allclose(batched, looped, rtol=1e-12)
+    jac_batched = jax.vmap(jax.jacfwd(solver, argnums=1), in_axes=(None, 0, None, 0))(
+        w0, lams, X, ys
+    )
+    jac_loop = jnp.stack(
+        [jax.jacfwd(solver, argnums=1)(w0, lam, X, y) for lam, y in zip(lams, ys)]
+    )
+    assert_tree_allclose(jac_batched, jac_loop, rtol=1e-12)
+
+
+def test_pytree_params_and_kwargs(getkey):
+    # Params {"a", "b"} solve a coupled linear system A [a; b] = theta, with theta
+    # given partly positionally and partly as a keyword.
+    A = jnp.array([[3.0, 1.0, 0.0], [1.0, 4.0, 1.0], [0.0, 1.0, 5.0]])
+
+    def optimality(params, theta_a, *, theta_b):
+        x = jnp.concatenate([params["a"], params["b"]])
+        r = jnp.matmul(A, x, precision=HI) - jnp.concatenate([theta_a, theta_b])
+        return {"a": r[:2], "b": r[2:]}
+
+    @jaxdecomp.custom_root(optimality)
+    def solver(init, theta_a, *, theta_b):
+        x = jnp.linalg.solve(A, jnp.concatenate([theta_a, theta_b]))
+        return {"a": x[:2], "b": x[2:]}
+
+    def closed(theta_a, theta_b):
+        x = jnp.linalg.solve(A, jnp.concatenate([theta_a, theta_b]))
+        return {"a": x[:2], "b": x[2:]}
+
+    init = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
+    ta, tb = jnp.array([1.0, 2.0]), jnp.array([3.0])
+
+    def loss(ta, tb):
+        out = solver(init, ta, theta_b=tb)
+        return jnp.sum(out["a"] ** 2) + 3 * jnp.sum(out["b"])
+
+    def loss_ref(ta, tb):
+        out = closed(ta, tb)
+        return jnp.sum(out["a"] ** 2) + 3 * jnp.sum(out["b"])
+
+    assert_tree_allclose(
+        jax.grad(loss, argnums=(0, 1))(ta, tb),
+        jax.grad(loss_ref, argnums=(0, 1))(ta, tb),
+    )
+    dt = (jnp.array([0.3, -0.2]), jnp.array([0.7]))
+    assert_tree_allclose(
+        jax.jvp(lambda a, b: solver(init, a, theta_b=b), (ta, tb), dt)[1],
+        jax.jvp(closed, (ta, tb), dt)[1],
+    )
+
+
+def test_closed_over_arrays_are_differentiated(getkey):
+    X, y = ridge_data(getkey())
+    w0 = jnp.zeros(X.shape[1])
+
+    def loss(scale):
+        Xs = X * scale  # closed over by the optimality function below
+
+        @jaxdecomp.custom_root(lambda w, lam: ridge_grad(w, lam, Xs, y))
+        def solver(w0, lam):
+            return ridge_closed(lam, Xs, y)
+
+        return jnp.sum(solver(w0, 0.5) ** 2)
+
+    def loss_ref(scale):
+        return jnp.sum(ridge_closed(0.5, X * scale, y) ** 2)
+
+    s = jnp.asarray(1.3)
+    np.testing.assert_allclose(jax.grad(loss)(s), jax.grad(loss_ref)(s), rtol=1e-9)
+    np.testing.assert_allclose(
+        jax.jvp(loss, (s,), (jnp.ones(()),))[1],
+        finite_difference_jvp(loss_ref, (s,), (jnp.ones(()),)),
+        rtol=1e-6,
+    )
+
+
+def test_has_aux(getkey):
+    X, y = ridge_data(getkey())
+
+    @jaxdecomp.custom_root(ridge_grad, has_aux=True)
+    def solver(w0, lam, X, y):
+        w = ridge_closed(lam, X, y)
+        return w, {"steps": jnp.asarray(3), "norm": jnp.linalg.norm(w)}
+
+    w0 = jnp.zeros(X.shape[1])
+    (w, aux), (tw, taux) = jax.jvp(
+        lambda lam: solver(w0, lam, X, y), (jnp.asarray(0.4),), (jnp.ones(()),)
+    )
+    assert int(aux["steps"]) == 3
+    assert float(taux["norm"]) == 0.0  # aux is not differentiated
+    expected = jax.jvp(
+        lambda lam: ridge_closed(lam, X, y), (jnp.asarray(0.4),), (jnp.ones(()),)
+    )[1]
+    assert_tree_allclose(tw, expected)
+
+
+def test_jit_does_not_retrace(getkey):
+    X, y = ridge_data(getkey())
+    solver = make_ridge_solver()
+    w0 = jnp.zeros(X.shape[1])
+
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def grad_fn(lam, y):
+        return jax.grad(lambda lam: jnp.sum(solver(w0, lam, X, y)))(lam)
+
+    grad_fn = jax.jit(grad_fn)
+    g1 = grad_fn(jnp.asarray(0.5), y)
+    g2 = grad_fn(jnp.asarray(0.9), 2 * y)
+    assert not np.allclose(g1, g2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_dtype_preserved(getkey, dtype):
+    X, y = ridge_data(getkey(), dtype=dtype)
+    solver = make_ridge_solver(symmetric=True)
+    w0 = jnp.zeros(X.shape[1], dtype)
+    lam = jnp.asarray(0.5, dtype)
+    w = solver(w0, lam, X, y)
+    g = jax.grad(lambda lam: jnp.sum(solver(w0, lam, X, y)))(lam)
+    t = jax.jvp(lambda lam: solver(w0, lam, X, y), (lam,), (jnp.ones((), dtype),))[1]
+    assert w.dtype == g.dtype == t.dtype == dtype
+    ref = jax.grad(lambda lam: jnp.sum(ridge_closed(lam, X, y)))(lam)
+    tol = 1e-4 if dtype == jnp.float32 else 1e-10
+    np.testing.assert_allclose(g, ref, rtol=tol)
+
+
+# --------------------------------------------------------------------------------------
+# Failures are visible.
+# --------------------------------------------------------------------------------------
+
+
+def test_unconverged_solver_raises(getkey):
+    X, y = ridge_data(getkey())
+    solver = make_ridge_solver(steps=3)
+    w0 = jnp.zeros(X.shape[1])
+    lam = jnp.asarray(0.5)
+    solver(w0, lam, X, y)  # no derivative: no check, no error
+    with pytest.raises(Exception, match="does not satisfy the optimality condition"):
+        jax.grad(lambda lam: jnp.sum(solver(w0, lam, X, y)))(lam)
+    with pytest.raises(Exception, match="does not satisfy the optimality condition"):
+        jax.jit(jax.jacfwd(solver, argnums=1))(w0, lam, X, y)
+
+
+def test_unconverged_solver_nan_and_warn(getkey):
+    X, y = ridge_data(getkey())
+    w0 = jnp.zeros(X.shape[1])
+    lam = jnp.asarray(0.5)
+    nan_solver = make_ridge_solver(steps=3, on_failure="nan")
+    g = jax.grad(lambda lam: jnp.sum(nan_solver(w0, lam, X, y)))(lam)
+    t = jax.jvp(lambda lam: nan_solver(w0, lam, X, y), (lam,), (jnp.ones(()),))[1]
+    assert np.isnan(g) and np.all(np.isnan(t))
+    good = make_ridge_solver(on_failure="nan")
+    assert np.isfinite(jax.grad(lambda lam: jnp.sum(good(w0, lam, X, y)))(lam))
+    warn_solver = make_ridge_solver(steps=3, on_failure="warn")
+    with pytest.warns(RuntimeWarning, match="optimality condition"):
+        g = jax.grad(lambda lam: jnp.sum(warn_solver(w0, lam, X, y)))(lam)
+        jax.effects_barrier()
+    with pytest.warns(RuntimeWarning, match="optimality condition"):
+        jax.jit(jax.jacfwd(warn_solver, argnums=1))(w0, lam, X, y)
+        jax.effects_barrier()
+    t = jax.jit(jax.jacfwd(nan_solver, argnums=1))(w0, lam, X, y)
+    assert np.all(np.isnan(t))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.grad(
+            lambda lam: jnp.sum(make_ridge_solver(on_failure="warn")(w0, lam, X, y))
+        )(lam)
+        jax.effects_barrier()
+
+
+def test_nonfinite_solution_is_reported(getkey):
+    X, y = ridge_data(getkey())
+
+    @jaxdecomp.custom_root(ridge_grad)
+    def solver(w0, lam, X, y):
+        return jnp.full_like(w0, jnp.nan)
+
+    with pytest.raises(Exception, match="optimality condition"):
+        jax.grad(lambda lam: jnp.sum(solver(jnp.zeros(5), lam, X, y)))(1.0)
+
+
+def test_tangent_solve_failure_raises(getkey):
+    X, y = ridge_data(getkey(), d=20, n=40)
+    w0 = jnp.zeros(20)
+    lam = jnp.asarray(1e-3)
+    solver = make_ridge_solver(
+        solve=lx.CG(rtol=1e-12, atol=1e-12, max_steps=2), symmetric=True, steps=20000
+    )
+    for f in (
+        jax.grad(lambda lam: jnp.sum(solver(w0, lam, X, y))),
+        lambda lam: jax.jvp(
+            lambda lam_: solver(w0, lam_, X, y), (lam,), (jnp.ones(()),)
+        )[1],
+    ):
+        with pytest.raises(Exception, match="maximum number of solver steps"):
+            jax.block_until_ready(f(lam))
+
+
+def test_preconditioner_and_tangent_init_are_used(getkey):
+    X, y = ridge_data(getkey(), d=20, n=40)
+    w0 = jnp.zeros(20)
+    lam = jnp.asarray(1e-3)
+
+    def exact_inverse(w, lam, X, y):
+        A = jnp.matmul(X.T, X, precision=HI) + lam * jnp.eye(20)
+        return lx.TaggedLinearOperator(
+            lx.MatrixLinearOperator(jnp.linalg.inv(A)),
+            (lx.symmetric_tag, lx.positive_semidefinite_tag),
+        )
+
+    cg5 = lx.CG(rtol=1e-10, atol=1e-10, max_steps=5)
+    expected = jax.grad(lambda lam: jnp.sum(ridge_closed(lam, X, y)))(lam)
+    plain = make_ridge_solver(solve=cg5, symmetric=True, steps=20000)
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.block_until_ready(jax.grad(lambda lam: jnp.sum(plain(w0, lam, X, y)))(lam))
+    solver = make_ridge_solver(
+        solve=cg5, symmetric=True, steps=20000, preconditioner=exact_inverse
+    )
+    got = jax.grad(lambda lam: jnp.sum(solver(w0, lam, X, y)))(lam)
+    np.testing.assert_allclose(got, expected, rtol=1e-7)
+
+    # An exact initial guess for the (forward-mode) tangent needs zero CG steps.
+    def exact_tangent(w, lam, X, y):
+        return jax.jvp(lambda lam_: ridge_closed(lam_, X, y), (lam,), (jnp.ones(()),))[
+            1
+        ]
+
+    cg0 = lx.CG(rtol=1e-8, atol=1e-8, max_steps=2)
+    solver = make_ridge_solver(
+        solve=cg0, symmetric=True, steps=20000, tangent_init=exact_tangent
+    )
+    t = jax.jvp(lambda lam_: solver(w0, lam_, X, y), (lam,), (jnp.ones(()),))[1]
+    np.testing.assert_allclose(t, exact_tangent(None, lam, X, y), rtol=1e-7)
+
+
+def test_singular_jacobian_with_ridge():
+    # Graph-Laplacian system L x = P theta: x is defined up to a constant (the gauge);
+    # the solver returns the zero-mean solution. With a small ridge the derivative is
+    # the pseudo-inverse one up to O(ridge / lambda_2).
+    n = 6
+    adj = jnp.ones((n, n)) - jnp.eye(n)
+    adj = adj.at[0, 3].set(0.0).at[3, 0].set(0.0)
+    L = jnp.diag(adj.sum(1)) - adj
+    P = jnp.eye(n) - jnp.ones((n, n)) / n  # rhs always in range(L)
+
+    def optimality(x, theta):
+        return jnp.matmul(L, x, precision=HI) - jnp.matmul(P, theta, precision=HI)
+
+    def pinv_solution(theta):
+        return jnp.matmul(
+            jnp.linalg.pinv(L), jnp.matmul(P, theta, precision=HI), precision=HI
+        )
+
+    ridge = 1e-9
+
+    @jaxdecomp.custom_root(optimality, ridge=ridge)
+    def solver(x0, theta):
+        return pinv_solution(theta)
+
+    theta = jnp.arange(1.0, n + 1.0)
+    x0 = jnp.zeros(n)
+    got = jax.jacrev(solver, argnums=1)(x0, theta)
+    expected = jax.jacfwd(pinv_solution)(theta)
+    np.testing.assert_allclose(got, expected, atol=1e-7)
+    np.testing.assert_allclose(
+        jax.jacfwd(solver, argnums=1)(x0, theta), expected, atol=1e-7
+    )
+    # Without the ridge, the singular dense solve is reported, not silently wrong.
+    plain = jaxdecomp.custom_root(optimality)(lambda x0, theta: pinv_solution(theta))
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(jax.jacfwd(plain, argnums=1)(x0, theta))
+
+
+# --------------------------------------------------------------------------------------
+# Bad input raises clear errors at trace time.
+# --------------------------------------------------------------------------------------
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match="on_failure"):
+        jaxdecomp.custom_root(ridge_grad, on_failure="ignore")
+    with pytest.raises(ValueError, match="ridge"):
+        jaxdecomp.custom_root(ridge_grad, ridge=-1.0)
+    with pytest.raises(ValueError, match="rtol"):
+        jaxdecomp.custom_root(ridge_grad, rtol=-1.0)
+    with pytest.raises(TypeError, match="solve"):
+        jaxdecomp.custom_root(ridge_grad, solve="cg")
+    with pytest.raises(TypeError, match="callable"):
+        jaxdecomp.custom_root(3.0)
+    with pytest.raises(TypeError, match="callable"):
+        jaxdecomp.custom_fixed_point(None)
+
+
+def test_bad_shapes_raise_at_trace_time(getkey):
+    X, y = ridge_data(getkey())
+    w0 = jnp.zeros(X.shape[1])
+
+    @jaxdecomp.custom_root(lambda w, lam, X, y: ridge_grad(w, lam, X, y)[:-1])
+    def wrong_shape(w0, lam, X, y):
+        return ridge_closed(lam, X, y)
+
+    with pytest.raises(ValueError, match="structure and shapes of the solution"):
+        jax.eval_shape(wrong_shape, w0, 0.5, X, y)
+
+    @jaxdecomp.custom_root(lambda w, lam: w)
+    def int_solution(w0, lam):
+        return jnp.arange(3)
+
+    with pytest.raises(TypeError, match="floating-point"):
+        jax.eval_shape(int_solution, w0, 0.5)
+
+    @jaxdecomp.custom_root(ridge_grad, has_aux=True)
+    def no_aux(w0, lam, X, y):
+        return ridge_closed(lam, X, y)
+
+    with pytest.raises(ValueError, match="has_aux=True"):
+        jax.eval_shape(no_aux, w0, 0.5, X, y)
+
+    @jaxdecomp.custom_fixed_point(lambda w, lam: jnp.concatenate([w, w]))
+    def fp_wrong(w0, lam):
+        return w0
+
+    with pytest.raises(ValueError, match="fixed_point_fun"):
+        jax.eval_shape(fp_wrong, w0, 0.5)
+
+
+# --------------------------------------------------------------------------------------
+# Migration from JAXopt: same numbers where JAXopt is right; visible where it is not.
+# --------------------------------------------------------------------------------------
+
+
+def test_matches_jaxopt(getkey):
+    implicit_diff = pytest.importorskip("jaxopt.implicit_diff")
+    X, y = ridge_data(getkey())
+    w0 = jnp.zeros(X.shape[1])
+
+    def inner(w0, lam, X, y):
+        L = jnp.linalg.norm(X, ord=2) ** 2 + lam
+        return lax.fori_loop(0, 4000, lambda _, w: w - ridge_grad(w, lam, X, y) / L, w0)
+
+    ours = jaxdecomp.custom_root(ridge_grad)(inner)
+    theirs = implicit_diff.custom_root(ridge_grad)(inner)
+    lam = jnp.asarray(0.3)
+    assert_tree_allclose(
+        jax.jacrev(ours, argnums=(1, 2))(w0, lam, X, y),
+        jax.jacrev(theirs, argnums=(1, 2))(w0, lam, X, y),
+        rtol=1e-6,
+    )
