@@ -21,6 +21,7 @@ from ._harness import machine  # noqa: E402
 
 BENCHMARKS = {
     "implicit": "benchmarks.implicit",
+    "sqrtm": "benchmarks.sqrtm",
 }
 
 

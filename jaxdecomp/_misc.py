@@ -76,3 +76,56 @@ def describe(tree) -> str:
     leaves, treedef = jtu.tree_flatten(tree)
     shapes = ", ".join(f"{jnp.result_type(x)}{list(jnp.shape(x))}" for x in leaves)
     return f"{treedef} with leaves [{shapes}]"
+
+
+# --------------------------------------------------------------------------------------
+# Matrices
+# --------------------------------------------------------------------------------------
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+def mm(a: Array, b: Array) -> Array:
+    """Batched matmul at HIGHEST precision (no TF32 / bf16 passes on GPU)."""
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def mT(a: Array) -> Array:
+    return jnp.swapaxes(a, -1, -2)
+
+
+def sym(a: Array) -> Array:
+    return 0.5 * (a + mT(a))
+
+
+def eye_like(a: Array) -> Array:
+    return jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+
+
+def fro(a: Array) -> Array:
+    """Frobenius norm over the last two axes."""
+    return jnp.sqrt(jnp.sum(jnp.square(a), axis=(-2, -1)))
+
+
+def check_matrix(a, name: str, *, square: bool) -> Array:
+    """Trace-time checks: a floating array of shape (..., m, n) (m == n if square)."""
+    if not eqx.is_array_like(a):
+        raise TypeError(f"{name}: expected an array, got {type(a)}.")
+    a = jnp.asarray(a)
+    if a.ndim < 2:
+        raise ValueError(f"{name}: expected shape (..., n, n); got {a.shape}.")
+    if square and a.shape[-1] != a.shape[-2]:
+        raise ValueError(
+            f"{name}: expected a square matrix (..., n, n); got shape {a.shape}."
+        )
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(
+            f"{name}: expected a real floating dtype (float32 or float64); got "
+            f"{a.dtype}. Convert integers with .astype(float)."
+        )
+    if a.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(
+            f"{name}: only float32 and float64 are supported; got {a.dtype} "
+            "(compute in float32 and cast the result)."
+        )
+    return a

@@ -36,7 +36,7 @@ def test_page_examples_run(page):
 PUBLIC = [
     getattr(jaxdecomp, name)
     for name in dir(jaxdecomp)
-    if not name.startswith("_") and callable(getattr(jaxdecomp, name))
+    if not name.startswith("_") and inspect.isfunction(getattr(jaxdecomp, name))
 ]
 
 

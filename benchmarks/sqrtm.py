@@ -1,0 +1,194 @@
+"""Matrix square root: accuracy against a float64 reference, and forward+backward time.
+
+Accuracy: relative Frobenius error of A^{1/2} for SPD matrices with log-spaced spectra
+(condition numbers 1e1..1e5), in float32 and float64, against a float64 eigh of the
+(rounded) input. Rows: jaxdecomp's methods, JAX eigh (default precision), OTT-JAX's
+`sqrtm_only`, and `jax.scipy.linalg.sqrtm` (CPU only, no gradient).
+
+Time: forward + backward of `sum(sqrtm(A) * G)` for a batch, jit-compiled, float32,
+condition number 1e3, against JAX eigh differentiated by autodiff (the common anchor)
+and OTT-JAX. Song et al.'s PyTorch MPA-Lya and the GPU rows need the lent GPU machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxdecomp
+
+from ._harness import Table, optional_import, time_fn
+
+
+def _spd_batch(batch, n, kappa, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(batch, n, n)))
+    lam = np.geomspace(1.0, 1.0 / kappa, n)
+    return np.einsum("bij,j,bkj->bik", q, lam, q)
+
+
+def _ref_sqrt(a):
+    w, v = np.linalg.eigh(np.asarray(a, np.float64))
+    return np.einsum("...ij,...j,...kj->...ik", v, np.sqrt(np.maximum(w, 0)), v)
+
+
+def _rel(x, ref):
+    x = np.asarray(x, np.float64)
+    return float(
+        np.max(
+            np.linalg.norm(x - ref, axis=(-2, -1)) / np.linalg.norm(ref, axis=(-2, -1))
+        )
+    )
+
+
+def _eigh_sqrt(a):  # the anchor: plain JAX eigh, differentiated by autodiff
+    w, v = jnp.linalg.eigh(a)
+    return (v * jnp.sqrt(jnp.maximum(w, 0))[..., None, :]) @ jnp.swapaxes(v, -1, -2)
+
+
+def _candidates(ott):
+    out = {
+        f"jaxdecomp {m}": (lambda a, m=m: jaxdecomp.sqrtm(a, method=m, throw=False))
+        for m in ("eigh", "newton_schulz", "pade", "taylor")
+    }
+    out["JAX eigh + autodiff (default precision)"] = _eigh_sqrt
+    if ott is not None:
+        from ott.math import matrix_square_root as msr
+
+        def ott_sqrt(a):
+            # OTT's loop breaks on float32 under jax_enable_x64 (which this runner
+            # sets), so float32 inputs are traced with x64 off, as its users run it.
+            with jax.enable_x64(a.dtype == jnp.float64):
+                return jax.vmap(msr.sqrtm_only)(a)
+
+        out["OTT-JAX sqrtm_only"] = ott_sqrt
+    return out
+
+
+def run(full: bool = False):
+    ott = optional_import("ott")
+    cands = _candidates(ott)
+    tables = []
+
+    sizes = (8, 64, 256, 1024) if full else (16, 128)
+    for dtype in (jnp.float32, jnp.float64):
+        acc = Table(
+            f"sqrtm accuracy, {np.dtype(dtype).name}: max relative Frobenius error "
+            f"over n in {sizes} (4 matrices each)",
+            ["method", "kappa=1e1", "kappa=1e3", "kappa=1e4", "kappa=1e5"],
+        )
+        names = [*cands, "jax.scipy.linalg.sqrtm (CPU, no grad)"]
+        failures = set()
+        errs = {name: [] for name in names}
+        for kappa in (1e1, 1e3, 1e4, 1e5):
+            worst = dict.fromkeys(names, 0.0)
+            for n in sizes:
+                a = _spd_batch(4 if n < 1024 else 1, n, kappa, seed=n).astype(dtype)
+                ref = _ref_sqrt(a)
+                aj = jnp.asarray(a)
+                for name, f in cands.items():
+                    try:
+                        err = _rel(jax.jit(f)(aj), ref)
+                    except Exception as e:  # noqa: BLE001 - an anchor failing is a result
+                        failures.add(f"{name}: {type(e).__name__} in {np.dtype(dtype)}")
+                        err = float("nan")
+                    worst[name] = max(worst[name], err)
+                scipy_sqrt = jax.vmap(jax.scipy.linalg.sqrtm)(aj).real
+                worst[names[-1]] = max(worst[names[-1]], _rel(scipy_sqrt, ref))
+            for name in names:
+                errs[name].append(worst[name])
+        for name in names:
+            acc.add(name, *errs[name])
+        acc.notes.append(
+            "Reference: float64 eigh of the input as rounded to the dtype. Targets: "
+            "<= 1e-5 (float32), <= 1e-10 (float64) for every method but pade/taylor."
+        )
+        acc.notes.extend(f"failed (nan in the table): {f}" for f in sorted(failures))
+        tables.append(acc)
+
+    configs = (
+        [(256, 32), (256, 64), (256, 128), (256, 256), (64, 512)]
+        if full
+        else [(32, 32), (32, 64), (16, 128)]
+    )
+    timing = Table(
+        "sqrtm forward+backward time, float32, kappa=1e3 (jit, median after warm-up)",
+        ["batch x n", "method", "time (ms)", "time / JAX eigh", "rel. error of A^1/2"],
+    )
+    for batch, n in configs:
+        a = jnp.asarray(_spd_batch(batch, n, 1e3, seed=1), jnp.float32)
+        g = jnp.asarray(
+            np.random.default_rng(2).normal(size=(batch, n, n)), jnp.float32
+        )
+        ref = _ref_sqrt(np.asarray(a))
+        rows = {}
+        for name, f in cands.items():
+            if (
+                name.endswith(("pade", "taylor")) or name.startswith("OTT")
+            ) and n > 128:
+                continue  # approximate (pade/taylor) or too slow on CPU (OTT)
+            loss = jax.jit(jax.value_and_grad(lambda a, f=f: jnp.sum(f(a) * g)))
+            try:
+                rows[name] = (
+                    time_fn(loss, a, repeats=5 if full else 3),
+                    _rel(f(a), ref),
+                )
+            except Exception as e:  # noqa: BLE001 - an anchor failing is a result
+                timing.notes.append(
+                    f"{name} failed at {batch} x {n}: {type(e).__name__}"
+                )
+        t_eigh = rows["JAX eigh + autodiff (default precision)"][0]
+        for name, (t, err) in rows.items():
+            timing.add(f"{batch} x {n}", name, 1e3 * t, t / t_eigh, err)
+    timing.notes.append(
+        "pade/taylor and OTT-JAX are timed up to n = 128 only. "
+        "CPU: 'auto' picks eigh here. The H100 comparison (and Song et al.'s PyTorch "
+        "MPA-Lya) needs the lent GPU machine."
+    )
+    tables.append(timing)
+    _plot(timing)
+    return tables
+
+
+PLOT_PATH = (
+    Path(__file__).resolve().parents[1] / "docs" / "img" / "sqrtm_accuracy_time.png"
+)
+
+
+def _plot(timing: Table):
+    """Accuracy against time, one marker per method and size (docs/img)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (skipping the plot: matplotlib is not installed)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = sorted({row[1] for row in timing.rows})
+    sizes = sorted({row[0] for row in timing.rows}, key=lambda s: int(s.split()[-1]))
+    markers = "os^vDP*X"
+    for i, method in enumerate(methods):
+        pts = [(row[2], row[4], row[0]) for row in timing.rows if row[1] == method]
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            markers[i % len(markers)],
+            label=method,
+            alpha=0.8,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("forward + backward time (ms)")
+    ax.set_ylabel("relative error of A^1/2 (float32)")
+    ax.set_title(f"sqrtm, {jax.devices()[0].platform}, sizes {', '.join(sizes)}")
+    ax.legend(fontsize=7)
+    PLOT_PATH.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(PLOT_PATH, dpi=110)
+    plt.close(fig)
+    print(f"  (plot written to {PLOT_PATH.relative_to(PLOT_PATH.parents[2])})")
