@@ -22,6 +22,7 @@ from ._harness import machine  # noqa: E402
 BENCHMARKS = {
     "implicit": "benchmarks.implicit",
     "sqrtm": "benchmarks.sqrtm",
+    "lowrank": "benchmarks.lowrank",
 }
 
 

@@ -12,6 +12,10 @@ and OTT-JAX. Song et al.'s PyTorch MPA-Lya and the GPU rows need the lent GPU ma
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import statistics
+import time
 from pathlib import Path
 
 import jax
@@ -42,6 +46,62 @@ def _rel(x, ref):
             np.linalg.norm(x - ref, axis=(-2, -1)) / np.linalg.norm(ref, axis=(-2, -1))
         )
     )
+
+
+def _ref_grad(a, g):
+    """d/dA sum(A^{1/2} * G) for symmetric G: the Lyapunov solve X Gam + Gam X = G."""
+    w, v = np.linalg.eigh(np.asarray(a, np.float64))
+    s = np.sqrt(np.maximum(w, 0))
+    gt = np.einsum("...ji,...jk,...kl->...il", v, np.asarray(g, np.float64), v)
+    gam = gt / (s[..., :, None] + s[..., None, :])
+    return np.einsum("...ij,...jk,...lk->...il", v, gam, v)
+
+
+def _song_anchor():
+    """Song et al.'s MPA-Lya (PyTorch), loaded from a checkout named by the environment
+    variable SONG_MATSQRT_DIR (it is not vendored here). Returns a timing function."""
+    path = os.environ.get("SONG_MATSQRT_DIR")
+    if not path:
+        print(
+            "  (skipping Song et al. MPA-Lya: set SONG_MATSQRT_DIR to a checkout of "
+            "KingJamesSong/FastDifferentiableMatSqrt)"
+        )
+        return None
+    torch = optional_import("torch")
+    if torch is None or optional_import("mpmath") is None:
+        return None
+    spec = importlib.util.spec_from_file_location(
+        "song_torch_utils", Path(path) / "torch_utils.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def run(a, g, repeats):
+        m = torch.tensor(np.asarray(a), device=device, requires_grad=True)
+        gt = torch.tensor(np.asarray(g), device=device)
+
+        def once():
+            m.grad = None
+            out = module.MPA_Lya.apply(m)
+            (out * gt).sum().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        once()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = once()
+            times.append(time.perf_counter() - t0)
+        return (
+            statistics.median(times),
+            out.detach().cpu().numpy(),
+            m.grad.detach().cpu().numpy(),
+        )
+
+    return run
 
 
 def _eigh_sqrt(a):  # the anchor: plain JAX eigh, differentiated by autodiff
@@ -114,16 +174,24 @@ def run(full: bool = False):
         if full
         else [(32, 32), (32, 64), (16, 128)]
     )
+    song = _song_anchor()
     timing = Table(
         "sqrtm forward+backward time, float32, kappa=1e3 (jit, median after warm-up)",
-        ["batch x n", "method", "time (ms)", "time / JAX eigh", "rel. error of A^1/2"],
+        [
+            "batch x n",
+            "method",
+            "time (ms)",
+            "time / JAX eigh",
+            "rel. error of A^1/2",
+            "rel. error of gradient",
+        ],
     )
     for batch, n in configs:
         a = jnp.asarray(_spd_batch(batch, n, 1e3, seed=1), jnp.float32)
-        g = jnp.asarray(
-            np.random.default_rng(2).normal(size=(batch, n, n)), jnp.float32
-        )
+        g = np.random.default_rng(2).normal(size=(batch, n, n))
+        g = jnp.asarray(g + np.swapaxes(g, -1, -2), jnp.float32)  # symmetric
         ref = _ref_sqrt(np.asarray(a))
+        ref_grad = _ref_grad(np.asarray(a), np.asarray(g))
         rows = {}
         for name, f in cands.items():
             if (
@@ -132,17 +200,22 @@ def run(full: bool = False):
                 continue  # approximate (pade/taylor) or too slow on CPU (OTT)
             loss = jax.jit(jax.value_and_grad(lambda a, f=f: jnp.sum(f(a) * g)))
             try:
-                rows[name] = (
-                    time_fn(loss, a, repeats=5 if full else 3),
-                    _rel(f(a), ref),
-                )
+                t = time_fn(loss, a, repeats=5 if full else 3)
+                rows[name] = (t, _rel(f(a), ref), _rel(loss(a)[1], ref_grad))
             except Exception as e:  # noqa: BLE001 - an anchor failing is a result
                 timing.notes.append(
                     f"{name} failed at {batch} x {n}: {type(e).__name__}"
                 )
+        if song is not None:
+            t, out, grad = song(a, g, 5 if full else 3)
+            rows["Song et al. MPA-Lya (PyTorch)"] = (
+                t,
+                _rel(out, ref),
+                _rel(grad, ref_grad),
+            )
         t_eigh = rows["JAX eigh + autodiff (default precision)"][0]
-        for name, (t, err) in rows.items():
-            timing.add(f"{batch} x {n}", name, 1e3 * t, t / t_eigh, err)
+        for name, (t, err, gerr) in rows.items():
+            timing.add(f"{batch} x {n}", name, 1e3 * t, t / t_eigh, err, gerr)
     timing.notes.append(
         "pade/taylor and OTT-JAX are timed up to n = 128 only. "
         "CPU: 'auto' picks eigh here. The H100 comparison (and Song et al.'s PyTorch "
@@ -173,7 +246,7 @@ def _plot(timing: Table):
     sizes = sorted({row[0] for row in timing.rows}, key=lambda s: int(s.split()[-1]))
     markers = "os^vDP*X"
     for i, method in enumerate(methods):
-        pts = [(row[2], row[4], row[0]) for row in timing.rows if row[1] == method]
+        pts = [(row[2], row[4]) for row in timing.rows if row[1] == method]
         ax.plot(
             [p[0] for p in pts],
             [p[1] for p in pts],

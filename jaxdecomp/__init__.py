@@ -1,6 +1,7 @@
 """jaxdecomp: differentiable matrix functions, low-rank layers and implicit
 differentiation for JAX."""
 
+from . import lowrank as lowrank
 from ._implicit import (
     custom_fixed_point as custom_fixed_point,
     custom_root as custom_root,

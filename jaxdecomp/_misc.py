@@ -129,3 +129,36 @@ def check_matrix(a, name: str, *, square: bool) -> Array:
             "(compute in float32 and cast the result)."
         )
     return a
+
+
+# --------------------------------------------------------------------------------------
+# Layer selection (tree surgery)
+# --------------------------------------------------------------------------------------
+
+
+def is_linear(x) -> bool:
+    return isinstance(x, eqx.nn.Linear)
+
+
+def select_linear_layers(model, where, name: str):
+    """Resolve `where` (a `model -> layer | sequence of layers` selector, default: every
+    `eqx.nn.Linear`) to `(where, layers, single)`, checking every selected layer is a
+    non-scalar `eqx.nn.Linear`. Replace with
+    `eqx.tree_at(where, model, new[0] if single else new)`."""
+    if where is None:
+
+        def where(m):
+            return [x for x in jtu.tree_leaves(m, is_leaf=is_linear) if is_linear(x)]
+
+    selected = where(model)
+    single = not isinstance(selected, (list, tuple))
+    layers = [selected] if single else list(selected)
+    if not layers:
+        raise ValueError(f"{name}: `where` selected no layers.")
+    for layer in layers:
+        if not is_linear(layer) or layer.in_features == "scalar":
+            raise TypeError(
+                f"{name}: can only handle (non-scalar) eqx.nn.Linear layers; `where` "
+                f"selected a {type(layer).__name__}."
+            )
+    return where, layers, single

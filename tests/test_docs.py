@@ -34,9 +34,11 @@ def test_page_examples_run(page):
 
 
 PUBLIC = [
-    getattr(jaxdecomp, name)
-    for name in dir(jaxdecomp)
-    if not name.startswith("_") and inspect.isfunction(getattr(jaxdecomp, name))
+    getattr(module, name)
+    for module in (jaxdecomp, jaxdecomp.lowrank)
+    for name in dir(module)
+    if not name.startswith("_")
+    and (inspect.isfunction(getattr(module, name)) or name in ("LowRankLinear", "LoRA"))
 ]
 
 

@@ -1,0 +1,15 @@
+"""Low-rank layers and adapters: `jaxdecomp.lowrank`."""
+
+from ._compress import compress as compress, compression_report as compression_report
+from ._dlrt import dlrt as dlrt
+from ._layers import (
+    FactorizedLinear as FactorizedLinear,
+    LowRankLinear as LowRankLinear,
+)
+from ._lora import (
+    LoRA as LoRA,
+    lora as lora,
+    merge as merge,
+    trainable as trainable,
+    unmerge as unmerge,
+)
