@@ -13,10 +13,13 @@ from jaxdecomp.lowrank import (
     FactorizedLinear,
     LoRA,
     LowRankLinear,
+    compress,
+    compression_report,
     dlrt,
     lora,
     merge,
     trainable,
+    trp,
     unmerge,
 )
 
@@ -201,6 +204,32 @@ def test_dlrt_recovers_rank_keeps_orthonormality_no_recompile(getkey):
     assert layer.u.dtype == jnp.float32
 
 
+def test_dlrt_momentum_is_carried_across_rank_changes(getkey):
+    x, y = _teacher_problem(getkey())
+    layer = LowRankLinear(40, 30, max_rank=12, dtype=jnp.float32, key=getkey())
+    opt = dlrt(learning_rate=0.05, tau=0.05, momentum=0.9)
+    state = opt.init(layer)
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def step(layer, state):
+        loss, grads = eqx.filter_value_and_grad(
+            lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2)
+        )(layer)
+        updates, state = opt.update(grads, state, layer)
+        return eqx.apply_updates(layer, updates), state, loss
+
+    ranks = []
+    for _ in range(600):
+        layer, state, loss = step(layer, state)
+        ranks.append(int(layer.rank))
+    assert ranks[-1] == 3 and len(set(ranks)) > 1  # the rank changed on the way
+    assert float(loss) < 1e-6
+    assert state.momentum.k.shape == (30, 12)  # momentum lives in the (fixed) shapes
+    with pytest.raises(ValueError, match="momentum"):
+        dlrt(0.1, momentum=1.0)
+
+
 def test_dlrt_with_multi_transform_and_bad_input(getkey):
     model = {
         "low": LowRankLinear(6, 5, max_rank=4, key=getkey()),
@@ -229,3 +258,60 @@ def test_dlrt_with_multi_transform_and_bad_input(getkey):
         dlrt(0.1, tau=1.5)
     with pytest.raises(ValueError, match="learning_rate"):
         dlrt(-0.1)
+
+
+# --------------------------------------------------------------------------------------
+# TRP and compress
+# --------------------------------------------------------------------------------------
+
+
+def test_trp_finds_low_rank_and_compress_exports_it(getkey):
+    layer = eqx.nn.Linear(16, 12, key=getkey())
+    x = jr.normal(getkey(), (64, 16))
+    y = x[:, :2] @ jnp.ones((2, 12))  # rank-1 teacher
+    opt = trp(0.1, nuclear_weight=1e-2, period=5, tol=0.3)
+    state = opt.init(layer)
+
+    @eqx.filter_jit
+    def step(layer, state):
+        grads = eqx.filter_grad(lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2))(layer)
+        updates, state = opt.update(grads, state, layer)
+        return eqx.apply_updates(layer, updates), state
+
+    for _ in range(50):
+        layer, state = step(layer, state)
+    s = np.linalg.svd(np.asarray(layer.weight), compute_uv=False)
+    assert s[1] < 1e-5 * s[0]
+    small = compress(layer, tol=1e-4)
+    assert int(small.rank) == 1
+    np.testing.assert_allclose(small(x[0]), layer(x[0]), atol=1e-5)
+    with pytest.raises(ValueError, match="period"):
+        trp(0.1, period=0)
+    with pytest.raises(ValueError, match="tol"):
+        trp(0.1, tol=1.0)
+
+
+def test_compress_rank_tol_budget(getkey):
+    mlp = eqx.nn.MLP(32, 4, width_size=64, depth=2, key=getkey())
+    x = jr.normal(getkey(), (32,))
+    full = compress(mlp, rank=64)
+    np.testing.assert_allclose(full(x), mlp(x), atol=1e-10)  # full rank: exact
+    ranks = [
+        layer["rank"] for layer in compression_report(compress(mlp, rank=3))["layers"]
+    ]
+    assert ranks == [3, 3, 3]
+    w = np.asarray(mlp.layers[1].weight)
+    s = np.linalg.svd(w, compute_uv=False)
+    r = int(compress(mlp.layers[1], tol=0.5).rank)
+    assert np.linalg.norm(s[r:]) <= 0.5 * np.linalg.norm(s) < np.linalg.norm(s[r - 1 :])
+    small = compress(mlp, budget=2000)
+    report = compression_report(small)
+    assert sum(l["macs"] for l in report["layers"]) <= 2000  # noqa: E741
+    with pytest.raises(ValueError, match="exactly one"):
+        compress(mlp, rank=2, tol=0.1)
+    with pytest.raises(ValueError, match="budget"):
+        compress(mlp, budget=10)
+    with pytest.raises(TypeError, match="eqx.nn.Linear"):
+        compress(
+            {"c": eqx.nn.Conv2d(1, 1, 3, key=getkey())}, rank=1, where=lambda m: m["c"]
+        )

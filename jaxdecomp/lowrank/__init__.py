@@ -13,3 +13,4 @@ from ._lora import (
     trainable as trainable,
     unmerge as unmerge,
 )
+from ._trp import TRPState as TRPState, trp as trp

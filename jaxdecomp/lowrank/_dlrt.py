@@ -36,22 +36,42 @@ def _truncation_rank(sigma, tau, max_rank):
     return jnp.clip(r, 1, max_rank)
 
 
-def _step(layer: LowRankLinear, grad: LowRankLinear, lr, tau):
-    """One parallel basis-update & Galerkin step (returns the new layer)."""
+class _Momentum(eqx.Module):
+    """Heavy-ball momentum of the tangent-projected gradient, in the current bases:
+    k = M V, l = M^T U, s = U^T M V (the projection P(M) = k V^T + U l^T - U s V^T)."""
+
+    k: jax.Array
+    l: jax.Array  # noqa: E741
+    s: jax.Array
+    bias: jax.Array | None
+
+
+def _zero_momentum(layer: LowRankLinear) -> _Momentum:
+    bias = None if layer.bias is None else jnp.zeros_like(layer.bias)
+    return _Momentum(
+        jnp.zeros_like(layer.u), jnp.zeros_like(layer.v), jnp.zeros_like(layer.s), bias
+    )
+
+
+def _step(layer: LowRankLinear, grad: LowRankLinear, mom: _Momentum, lr, tau, beta):
+    """One parallel basis-update & Galerkin step: (new layer, new momentum)."""
     m = jax.lax.stop_gradient(layer.mask)
+    mm2 = m[:, None] * m[None, :]
     r_max = layer.max_rank
     u, v = layer.u * m, layer.v * m
-    s = layer.s * (m[:, None] * m[None, :])
+    s = layer.s * mm2
     # Gradients of W from the factor gradients: dL/dU = G V S^T, dL/dV = G^T U S,
     # dL/dS = U^T G V. S is invertible on the active block (truncation keeps its
     # singular values above tau ||S||); the inactive block is padded with I.
     s_full = s + jnp.diag(1.0 - m)
-    gv = jnp.linalg.solve(s_full, (grad.u * m).T).T  # G V       (out x r_max)
-    gtu = jnp.linalg.solve(s_full.T, (grad.v * m).T).T  # G^T U  (in x r_max)
-    gs = grad.s * (m[:, None] * m[None, :])  # U^T G V
-    k1 = mm(u, s) - lr * gv * m  # K-step
-    l1 = mm(v, s.T) - lr * gtu * m  # L-step
-    s1 = s - lr * gs  # S-step (parallel: at the old bases)
+    gv = jnp.linalg.solve(s_full, (grad.u * m).T).T * m  # G V       (out x r_max)
+    gtu = jnp.linalg.solve(s_full.T, (grad.v * m).T).T * m  # G^T U  (in x r_max)
+    gs = grad.s * mm2  # U^T G V
+    # Heavy ball on the tangent space (the momentum is already in these bases).
+    mk, ml, ms = beta * mom.k + gv, beta * mom.l + gtu, beta * mom.s + gs
+    k1 = mm(u, s) - lr * mk  # K-step
+    l1 = mm(v, s.T) - lr * ml  # L-step
+    s1 = s - lr * ms  # S-step (parallel: at the old bases)
     # Augmented orthonormal bases [U, K1], [V, L1].
     uh = _orth(jnp.concatenate([u, k1], axis=1))
     vh = _orth(jnp.concatenate([v, l1], axis=1))
@@ -70,12 +90,31 @@ def _step(layer: LowRankLinear, grad: LowRankLinear, lr, tau):
     new = eqx.tree_at(
         lambda x: (x.u, x.s, x.v, x.mask), layer, (new_u, new_s, new_v, new_mask)
     )
+    mb = None
     if layer.bias is not None:
-        new = eqx.tree_at(lambda x: x.bias, new, layer.bias - lr * grad.bias)
-    return new
+        mb = beta * mom.bias + grad.bias
+        new = eqx.tree_at(lambda x: x.bias, new, layer.bias - lr * mb)
+    # Transport the momentum to the new bases by projection: with
+    # M = mk V^T + U ml^T - U ms V^T, store M V', M^T U', U'^T M V'.
+    nu, nv = new_u * new_mask, new_v * new_mask
+    vt_nv, ut_nu = mm(v.T, nv), mm(u.T, nu)
+    k_new = mm(mk, vt_nv) + mm(u, mm(ml.T, nv)) - mm(u, mm(ms, vt_nv))
+    l_new = mm(ml, ut_nu) + mm(v, mm(mk.T, nu)) - mm(v, mm(ms.T, ut_nu))
+    s_new = (
+        mm(mm(nu.T, mk), vt_nv) + mm(ut_nu.T, mm(ml.T, nv)) - mm(ut_nu.T, mm(ms, vt_nv))
+    )
+    return new, _Momentum(k_new, l_new, s_new, mb)
 
 
-def dlrt(learning_rate: float, tau: float = 0.1) -> optax.GradientTransformation:
+class DLRTState(eqx.Module):
+    """Per-`LowRankLinear` momentum (None elsewhere), kept in the current bases."""
+
+    momentum: object
+
+
+def dlrt(
+    learning_rate: float, tau: float = 0.1, momentum: float = 0.0
+) -> optax.GradientTransformation:
     r"""Rank-adaptive training of [`LowRankLinear`][jaxdecomp.lowrank.LowRankLinear]
     layers, as an optax `GradientTransformation`: the parallel rank-adaptive
     basis-update & Galerkin integrator (one backward pass per step).
@@ -105,11 +144,16 @@ def dlrt(learning_rate: float, tau: float = 0.1) -> optax.GradientTransformation
 
     - `learning_rate`: the step size $\eta > 0$ (SGD on the low-rank manifold).
     - `tau`: relative truncation threshold in $(0, 1)$.
+    - `momentum`: heavy-ball coefficient $\beta \in [0, 1)$ (default 0: plain SGD).
+        The momentum of the projected gradient is stored by its three components in
+        the current bases and carried across every basis change by projecting the
+        tangent matrix it represents onto the new bases (vector transport by
+        projection), so it is never reset when the rank changes.
 
     **Returns:** an `optax.GradientTransformation`; its `update` needs `params`.
 
-    **Limitations (this version):** plain SGD on the factors (no momentum/Adam state
-    carried across basis changes yet); only `LowRankLinear` (not `TuckerConv2d`).
+    **Limitations (this version):** SGD with optional heavy-ball momentum (no Adam
+    moments yet); only `LowRankLinear` (not `TuckerConv2d`).
 
     **Example:**
 
@@ -146,26 +190,42 @@ def dlrt(learning_rate: float, tau: float = 0.1) -> optax.GradientTransformation
     if not (isinstance(tau, (int, float)) and 0 < tau < 1):
         raise ValueError(f"dlrt: tau must be in (0, 1); got {tau!r}.")
 
+    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        raise ValueError(f"dlrt: momentum must be in [0, 1); got {momentum!r}.")
+
     def init(params):
-        del params
-        return optax.EmptyState()
+        return DLRTState(
+            jtu.tree_map(
+                lambda p: _zero_momentum(p) if _is_lowrank(p) else None,
+                params,
+                is_leaf=_is_lowrank,
+            )
+        )
 
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("dlrt: update(grads, state, params) needs params.")
-
-        def one(g, p):
+        g_leaves, treedef = jtu.tree_flatten(updates, is_leaf=_is_lowrank)
+        p_leaves = treedef.flatten_up_to(params)
+        m_leaves = treedef.flatten_up_to(state.momentum)
+        out, moms = [], []
+        for g, p, mom in zip(g_leaves, p_leaves, m_leaves):
             if _is_lowrank(p):
-                new = _step(p, g, learning_rate, tau)
-                return jtu.tree_map(
-                    lambda a, b: None if a is None else a - b,
-                    new,
-                    p,
-                    is_leaf=lambda x: x is None,
+                new, mom = _step(p, g, mom, learning_rate, tau, momentum)
+                out.append(
+                    jtu.tree_map(
+                        lambda a, b: None if a is None else a - b,
+                        new,
+                        p,
+                        is_leaf=lambda x: x is None,
+                    )
                 )
-            return jtu.tree_map(lambda x: -learning_rate * x, g)
-
-        out = jtu.tree_map(one, updates, params, is_leaf=_is_lowrank)
-        return out, state
+            else:
+                out.append(None if g is None else -learning_rate * g)
+            moms.append(mom)
+        return (
+            jtu.tree_unflatten(treedef, out),
+            DLRTState(jtu.tree_unflatten(treedef, moms)),
+        )
 
     return optax.GradientTransformation(init, update)
