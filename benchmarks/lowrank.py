@@ -98,7 +98,7 @@ def _make(kind, key, rank=6, max_rank=32):
 
 
 def _optimizer(kind, model, tau=None, lr_dlrt=0.05):
-    if kind != "dlrt":
+    if kind not in ("dlrt", "trp"):
         return optax.adam(1e-3)
     labels = jax.tree_util.tree_map(lambda _: "adam", model)
     for i in (0, 1):
@@ -108,9 +108,13 @@ def _optimizer(kind, model, tau=None, lr_dlrt=0.05):
             jax.tree_util.tree_map(lambda _: "dlrt", model.layers[i]),
         )
     # The labels tree is itself a (callable) module, so pass it through a function.
+    hidden = (
+        dlrt(lr_dlrt, tau, momentum=0.9)
+        if kind == "dlrt"
+        else trp(0.1, nuclear_weight=1e-3, period=20, tol=0.3)
+    )
     return optax.multi_transform(
-        {"dlrt": dlrt(lr_dlrt, tau, momentum=0.9), "adam": optax.adam(1e-3)},
-        lambda _: labels,
+        {"dlrt": hidden, "adam": optax.adam(1e-3)}, lambda _: labels
     )
 
 
@@ -144,7 +148,7 @@ def _train(model, opt, train, epochs, seed, filter_spec=None):
 def run(full: bool = False):
     seeds = range(5) if full else range(1)
     epochs = 60 if full else 10
-    taus = (0.05, 0.1, 0.2, 0.3) if full else (0.1, 0.2)
+    taus = (0.1, 0.15, 0.2, 0.25, 0.3) if full else (0.1, 0.2)
     if _data(0) is None:
         return []
     with jax.numpy_dtype_promotion("standard"):
@@ -179,16 +183,17 @@ def _run(seeds, epochs, taus):
             )
         # TRP baseline: SGD with nuclear-norm penalty and periodic truncation, then
         # exported by truncated SVD at the same tolerance.
+        dense0 = _make("dense", jr.key(seed))
         model, t = _train(
-            _make("dense", jr.key(seed)),
-            trp(0.1, nuclear_weight=1e-3, period=20, tol=0.3),
+            dense0,
+            _optimizer("trp", dense0),
             train,
             epochs,
             seed,
         )
         small = compress(model, tol=0.3, where=lambda m: m.layers[:2])
         rep = compression_report(small)
-        results.setdefault("TRP (SGD, nuclear 1e-3, tol 0.3)", []).append(
+        results.setdefault("TRP (SGD, nuclear 1e-3, tol 0.3) + Adam output", []).append(
             (
                 _accuracy(small, *test),
                 rep["total_params"],

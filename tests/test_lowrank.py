@@ -285,6 +285,23 @@ def test_trp_finds_low_rank_and_compress_exports_it(getkey):
     small = compress(layer, tol=1e-4)
     assert int(small.rank) == 1
     np.testing.assert_allclose(small(x[0]), layer(x[0]), atol=1e-5)
+    # Under optax.multi_transform, with a dense layer left to another optimizer.
+    model = {
+        "hidden": eqx.nn.Linear(4, 4, key=getkey()),
+        "out": eqx.nn.Linear(4, 2, key=getkey()),
+    }
+    labels = {
+        "hidden": jax.tree_util.tree_map(lambda _: "trp", model["hidden"]),
+        "out": jax.tree_util.tree_map(lambda _: "sgd", model["out"]),
+    }
+    opt = optax.multi_transform({"trp": trp(0.1), "sgd": optax.sgd(0.1)}, labels)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    state = opt.init(params)
+    grads = eqx.filter_grad(lambda m: jnp.sum(m["out"](m["hidden"](jnp.ones(4))) ** 2))(
+        model
+    )
+    updates, _ = opt.update(grads, state, params)
+    assert jnp.all(jnp.isfinite(updates["hidden"].weight))
     with pytest.raises(ValueError, match="period"):
         trp(0.1, period=0)
     with pytest.raises(ValueError, match="tol"):

@@ -196,7 +196,9 @@ def dlrt(
     def init(params):
         return DLRTState(
             jtu.tree_map(
-                lambda p: _zero_momentum(p) if _is_lowrank(p) else None,
+                lambda p: (
+                    _zero_momentum(p) if _is_lowrank(p) and eqx.is_array(p.u) else None
+                ),
                 params,
                 is_leaf=_is_lowrank,
             )
@@ -210,7 +212,7 @@ def dlrt(
         m_leaves = treedef.flatten_up_to(state.momentum)
         out, moms = [], []
         for g, p, mom in zip(g_leaves, p_leaves, m_leaves):
-            if _is_lowrank(p):
+            if _is_lowrank(p) and eqx.is_array(p.u):
                 new, mom = _step(p, g, mom, learning_rate, tau, momentum)
                 out.append(
                     jtu.tree_map(

@@ -80,7 +80,8 @@ def trp(
         truncate_now = (count % period) == 0
 
         def one(g, p):
-            if not is_linear(p):
+            # (A layer masked out by optax.multi_transform has no array weight.)
+            if not (is_linear(p) and eqx.is_array(p.weight)):
                 return jtu.tree_map(lambda x: -learning_rate * x, g)
             u, _, vt = jnp.linalg.svd(p.weight, full_matrices=False)
             step = g.weight + nuclear_weight * mm(u, vt)
