@@ -177,10 +177,13 @@ def _teacher_problem(key, n_in=40, n_out=30, rank=3, n=256, dtype=jnp.float32):
     return x, x @ t.T
 
 
-def test_dlrt_recovers_rank_keeps_orthonormality_no_recompile(getkey):
-    x, y = _teacher_problem(getkey())
-    layer = LowRankLinear(40, 30, max_rank=12, dtype=jnp.float32, key=getkey())
-    opt = dlrt(learning_rate=0.5, tau=0.05)
+def _train_teacher(key, opt, steps):
+    """Fit a rank-3 teacher with a LowRankLinear(max_rank=12) and `opt`; the jitted
+    step must trace once although the rank changes. Returns (layer, state, loss,
+    ranks)."""
+    k1, k2 = jr.split(key)
+    x, y = _teacher_problem(k1)
+    layer = LowRankLinear(40, 30, max_rank=12, dtype=jnp.float32, key=k2)
     state = opt.init(layer)
 
     @eqx.filter_jit
@@ -193,9 +196,14 @@ def test_dlrt_recovers_rank_keeps_orthonormality_no_recompile(getkey):
         return eqx.apply_updates(layer, updates), state, loss
 
     ranks = []
-    for _ in range(1000):
+    for _ in range(steps):
         layer, state, loss = step(layer, state)
         ranks.append(int(layer.rank))
+    return layer, state, loss, ranks
+
+
+def test_dlrt_recovers_rank_keeps_orthonormality_no_recompile(getkey):
+    layer, _, loss, ranks = _train_teacher(getkey(), dlrt(0.5, tau=0.05), 1000)
     assert ranks[0] <= 12 and ranks[-1] == 3  # the teacher's rank
     assert float(loss) < 1e-6
     eye = jnp.eye(12, dtype=jnp.float32)
@@ -205,24 +213,8 @@ def test_dlrt_recovers_rank_keeps_orthonormality_no_recompile(getkey):
 
 
 def test_dlrt_momentum_is_carried_across_rank_changes(getkey):
-    x, y = _teacher_problem(getkey())
-    layer = LowRankLinear(40, 30, max_rank=12, dtype=jnp.float32, key=getkey())
-    opt = dlrt(learning_rate=0.05, tau=0.05, momentum=0.9)
-    state = opt.init(layer)
-
-    @eqx.filter_jit
-    @eqx.debug.assert_max_traces(max_traces=1)
-    def step(layer, state):
-        loss, grads = eqx.filter_value_and_grad(
-            lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2)
-        )(layer)
-        updates, state = opt.update(grads, state, layer)
-        return eqx.apply_updates(layer, updates), state, loss
-
-    ranks = []
-    for _ in range(600):
-        layer, state, loss = step(layer, state)
-        ranks.append(int(layer.rank))
+    opt = dlrt(0.05, tau=0.05, momentum=0.9)
+    _, state, loss, ranks = _train_teacher(getkey(), opt, 600)
     assert ranks[-1] == 3 and len(set(ranks)) > 1  # the rank changed on the way
     assert float(loss) < 1e-6
     assert state.momentum.k.shape == (30, 12)  # momentum lives in the (fixed) shapes
