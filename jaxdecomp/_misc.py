@@ -162,3 +162,13 @@ def select_linear_layers(model, where, name: str):
                 f"selected a {type(layer).__name__}."
             )
     return where, layers, single
+
+
+def truncation_rank(sigma: Array, tol, max_rank: int) -> Array:
+    """Smallest r with ||sigma[r:]||_2 <= tol ||sigma||_2 (sigma sorted descending),
+    clipped to [1, max_rank]. Traceable; the one truncation rule of DLRT, TRP and
+    `compress`."""
+    tail = jnp.sqrt(jnp.cumsum(jnp.square(sigma[::-1]))[::-1])  # tail[i] = ||s[i:]||
+    ok = jnp.concatenate([tail[1:], jnp.zeros((1,), sigma.dtype)]) <= tol * tail[0]
+    r = jnp.argmax(ok) + 1  # first index i with ||s[i+1:]|| <= tol ||s||
+    return jnp.clip(r, 1, max_rank)

@@ -282,6 +282,23 @@ def test_solve_lyapunov(method):
     assert x32.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("method", EXACT)
+def test_solve_lyapunov_vmap_and_jit(method):
+    ss = jnp.stack([jnp.asarray(spd(5, k, seed=i)) for i, k in enumerate([2, 40])])
+    gs = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 5)))
+
+    @jax.jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def solve(s, g):
+        return jaxdecomp.solve_lyapunov(s, g, method=method)
+
+    looped = jnp.stack([solve(s, g) for s, g in zip(ss, gs)])
+    np.testing.assert_allclose(jax.vmap(solve)(ss, gs), looped, atol=1e-12)
+    np.testing.assert_allclose(
+        jaxdecomp.solve_lyapunov(ss, gs, method=method), looped, atol=1e-12
+    )
+
+
 def test_solve_lyapunov_bad_input():
     with pytest.raises(ValueError, match="last two"):
         jaxdecomp.solve_lyapunov(jnp.eye(3), jnp.eye(4))

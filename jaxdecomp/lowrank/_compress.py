@@ -10,18 +10,9 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 
-from .._misc import is_linear, select_linear_layers
+from .._misc import is_linear, select_linear_layers, truncation_rank
 from ._layers import FactorizedLinear, LowRankLinear
 from ._lora import LoRA
-
-
-def _tail_rank(s: np.ndarray, tol: float) -> int:
-    tail = np.sqrt(np.cumsum(s[::-1] ** 2)[::-1])  # tail[i] = ||s[i:]||
-    total = tail[0]
-    for r in range(1, len(s) + 1):
-        if (tail[r] if r < len(s) else 0.0) <= tol * total:
-            return r
-    return len(s)
 
 
 def _budget_ranks(spectra, shapes, budget: int) -> list[int]:
@@ -102,7 +93,7 @@ def compress(
     if rank is not None:
         ranks = [min(rank, len(s)) for _, s, _ in svds]
     elif tol is not None:
-        ranks = [_tail_rank(s, tol) for _, s, _ in svds]
+        ranks = [int(truncation_rank(s, tol, len(s))) for _, s, _ in svds]
     else:
         ranks = _budget_ranks([s for _, s, _ in svds], shapes, int(budget))
     new_layers = []

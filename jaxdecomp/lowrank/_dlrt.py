@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
-from .._misc import mm
+from .._misc import mm, truncation_rank
 from ._layers import LowRankLinear
 
 
@@ -25,15 +25,6 @@ def _polish(x):
     orthonormality error left by QR and SVD rounding (keeps it at a few ulps)."""
     gram = mm(x.T, x)
     return 1.5 * x - 0.5 * mm(x, gram)
-
-
-def _truncation_rank(sigma, tau, max_rank):
-    """Smallest r with ||sigma[r:]||_2 <= tau ||sigma||_2, clipped to [1, max_rank]."""
-    tail = jnp.sqrt(jnp.cumsum(jnp.square(sigma[::-1]))[::-1])  # tail[i] = ||s[i:]||
-    total = tail[0]
-    ok = jnp.concatenate([tail[1:], jnp.zeros((1,), sigma.dtype)]) <= tau * total
-    r = jnp.argmax(ok) + 1  # first index i with ||s[i+1:]|| <= tau ||s||
-    return jnp.clip(r, 1, max_rank)
 
 
 class _Momentum(eqx.Module):
@@ -82,7 +73,7 @@ def _step(layer: LowRankLinear, grad: LowRankLinear, mom: _Momentum, lr, tau, be
         + mm(uh_u, mm(l1.T, vh) - mm(mm(l1.T, v), vt_vh))
     )
     p, sigma, qt = jnp.linalg.svd(core, full_matrices=False)
-    rank = _truncation_rank(sigma, tau, r_max)
+    rank = truncation_rank(sigma, tau, r_max)
     new_mask = (jnp.arange(r_max) < rank).astype(layer.mask.dtype)
     new_u = _polish(mm(uh, p[:, :r_max]))
     new_v = _polish(mm(vh, qt[:r_max].T))

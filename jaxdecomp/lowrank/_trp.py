@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
-from .._misc import is_linear, mm
+from .._misc import is_linear, mm, truncation_rank
 
 
 class TRPState(eqx.Module):
@@ -17,9 +17,7 @@ class TRPState(eqx.Module):
 
 def _truncate(w, tol):
     u, s, vt = jnp.linalg.svd(w, full_matrices=False)
-    tail = jnp.sqrt(jnp.cumsum(jnp.square(s[::-1]))[::-1])
-    keep = jnp.concatenate([tail[1:], jnp.zeros((1,), s.dtype)]) > tol * tail[0]
-    keep = keep.at[0].set(True)
+    keep = jnp.arange(s.shape[0]) < truncation_rank(s, tol, s.shape[0])
     return mm(u * (s * keep.astype(s.dtype))[None, :], vt)
 
 
