@@ -12,7 +12,7 @@ from jaxtyping import Array, Float
 
 from ._misc import check_matrix, eye_like, fro, mm, mT
 from ._solution import RESULTS, MatrixFunctionSolution
-from ._sqrtm import _choose_method, _validate, inv_sqrtm, sqrtm
+from ._sqrtm import _validate, inv_sqrtm, sqrtm
 
 
 def _power(x: Array, k: int) -> Array:
@@ -78,8 +78,8 @@ def inv_pth_root(
     - `method`: `"eigh"`: $V \operatorname{diag}((\lambda + \rho)^{-1/p}) V^T$, any
         `p`. `"newton_schulz"`: matmul-only, for `p` a power of two, by repeated
         coupled Newton–Schulz square roots ($A^{-1/4} = (A^{1/2})^{-1/2}$), see
-        [`jaxdecomp.sqrtm`][]. `"auto"`: `"newton_schulz"` on GPU/TPU for $n \ge 32$
-        and `p` a power of two, else `"eigh"`.
+        [`jaxdecomp.sqrtm`][]. `"auto"`: `"eigh"` (faster on the H100 too; see
+        [`jaxdecomp.sqrtm`][]).
     - `tol`, `max_steps`, `throw`, `full_output`: as for [`jaxdecomp.sqrtm`][].
 
     **Returns:** $(A + \rho I)^{-1/p}$, same shape and dtype as `a`.
@@ -128,7 +128,7 @@ def inv_pth_root(
             "Use method='eigh'."
         )
     if method == "auto":
-        method = _choose_method("auto", a) if power_of_two else "eigh"
+        method = "eigh"
     a_in = a + ridge * eye_like(a) if ridge else a
     if method == "newton_schulz":
         opts = dict(
