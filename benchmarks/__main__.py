@@ -23,6 +23,8 @@ BENCHMARKS = {
     "implicit": "benchmarks.implicit",
     "sqrtm": "benchmarks.sqrtm",
     "lowrank": "benchmarks.lowrank",
+    "sinkhorn": "benchmarks.sinkhorn",
+    "cg": "benchmarks.cg",
 }
 
 

@@ -109,3 +109,26 @@ class Table:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def save_figure(path, draw: Callable[[Any], None]) -> None:
+    """Call `draw(ax)` on a fresh log-log figure and save it to `path` (the docs'
+    plots); prints a one-line skip message without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (skipping the plot: matplotlib is not installed)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    draw(ax)
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"  (plot written to {path})")

@@ -24,7 +24,7 @@ import numpy as np
 
 import jaxdecomp
 
-from ._harness import Table, optional_import, time_fn
+from ._harness import Table, optional_import, save_figure, time_fn
 
 
 def _spd_batch(batch, n, kappa, seed=0):
@@ -36,7 +36,9 @@ def _spd_batch(batch, n, kappa, seed=0):
 
 def _ref_sqrt(a):
     w, v = np.linalg.eigh(np.asarray(a, np.float64))
-    return np.einsum("...ij,...j,...kj->...ik", v, np.sqrt(np.maximum(w, 0)), v, optimize=True)
+    return np.einsum(
+        "...ij,...j,...kj->...ik", v, np.sqrt(np.maximum(w, 0)), v, optimize=True
+    )
 
 
 def _rel(x, ref):
@@ -258,35 +260,22 @@ PLOT_PATH = (
 
 def _plot(timing: Table):
     """Accuracy against time, one marker per method and size (docs/img)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("  (skipping the plot: matplotlib is not installed)")
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     methods = sorted({row[1] for row in timing.rows})
     sizes = sorted({row[0] for row in timing.rows}, key=lambda s: int(s.split()[-1]))
     markers = "os^vDP*X"
-    for i, method in enumerate(methods):
-        pts = [(row[2], row[4]) for row in timing.rows if row[1] == method]
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            markers[i % len(markers)],
-            label=method,
-            alpha=0.8,
-        )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("forward + backward time (ms)")
-    ax.set_ylabel("relative error of A^1/2 (float32)")
-    ax.set_title(f"sqrtm, {jax.devices()[0].platform}, sizes {', '.join(sizes)}")
-    ax.legend(fontsize=7)
-    PLOT_PATH.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(PLOT_PATH, dpi=110)
-    plt.close(fig)
-    print(f"  (plot written to {PLOT_PATH.relative_to(PLOT_PATH.parents[2])})")
+
+    def draw(ax):
+        for i, method in enumerate(methods):
+            pts = [(row[2], row[4]) for row in timing.rows if row[1] == method]
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                markers[i % len(markers)],
+                label=method,
+                alpha=0.8,
+            )
+        ax.set_xlabel("forward + backward time (ms)")
+        ax.set_ylabel("relative error of A^1/2 (float32)")
+        ax.set_title(f"sqrtm, {jax.devices()[0].platform}, sizes {', '.join(sizes)}")
+
+    save_figure(PLOT_PATH, draw)

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import _harness, implicit
+from benchmarks import _harness, cg, implicit
 from benchmarks.__main__ import main
 
 
@@ -33,3 +33,14 @@ def test_implicit_benchmark_runs_and_is_accurate():
 def test_runner_rejects_unknown_name():
     with pytest.raises(SystemExit):
         main(["no-such-benchmark"])
+
+
+def test_cg_benchmark_runs_and_agrees_with_scipy():
+    (table,) = cg.run(sizes=(16,))
+    rows = {(row[0].split(" (")[0], row[2]): row for row in table.rows}
+    for problem in ("Poisson", "diffusion var 0.6"):
+        ours = rows[(problem, "jaxdecomp cg, none")]
+        scipy_row = rows.get((problem, "SciPy CG, none"))
+        assert ours[6] <= 1e-8  # true relative residual
+        if scipy_row is not None:  # same stopping rule, same iterations (+-2)
+            assert abs(ours[3] - scipy_row[3]) <= 2

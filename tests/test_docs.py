@@ -8,6 +8,7 @@ import jax
 import pytest
 
 import jaxdecomp
+import solvers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
@@ -35,10 +36,13 @@ def test_page_examples_run(page):
 
 PUBLIC = [
     getattr(module, name)
-    for module in (jaxdecomp, jaxdecomp.lowrank)
+    for module in (jaxdecomp, jaxdecomp.lowrank, solvers, solvers.problems)
     for name in dir(module)
     if not name.startswith("_")
-    and (inspect.isfunction(getattr(module, name)) or name in ("LowRankLinear", "LoRA"))
+    and (
+        inspect.isfunction(getattr(module, name))
+        or name in ("LowRankLinear", "LoRA", "PointCloud", "Geometry", "Diffusion2D")
+    )
 ]
 
 

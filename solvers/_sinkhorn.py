@@ -1,0 +1,178 @@
+"""Log-domain Sinkhorn with over-relaxation and epsilon continuation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import ArrayLike, Float
+
+from ._dual import f_hat, g_hat
+from ._geometry import AbstractGeometry
+from ._ot_problem import solve
+from ._solution import OTSolution
+
+
+def _marginal_errors(f, g, c, a, b, eps):
+    rows = jnp.exp((f - f_hat(g, c, eps)) / eps)
+    cols = jnp.exp((g - g_hat(f, c, eps)) / eps)
+    return jnp.stack([jnp.sum(jnp.abs(rows - a)), jnp.sum(jnp.abs(cols - b))])
+
+
+def _sinkhorn_loop(c, a, b, eps, *, tol, max_steps, momentum, eps_init, decay, unroll):
+    omega = 1.0 if momentum is None else momentum
+    log_a, log_b = jnp.log(a), jnp.log(b)
+    stage_tol = jnp.maximum(tol, 1e-3 * jnp.sum(b))
+    zero = jnp.zeros((), c.dtype)
+    f0 = eps_init * log_a + f_hat(jnp.zeros_like(b), c, eps_init)
+    g0 = jnp.zeros_like(b)
+    # state: f, g, current epsilon, column error of (f, g), steps, done
+    init = (f0, g0, eps_init, zero + jnp.inf, jnp.array(0), jnp.array(False))
+
+    def cond(state):
+        *_, steps, done = state
+        return ~done & (steps < max_steps)
+
+    def body(state):
+        f, g, e, _, steps, _ = state
+        gh = g_hat(f, c, e)
+        err = jnp.sum(jnp.abs(jnp.exp((g - gh) / e) - b))
+        final = e <= eps
+        done = (final & (err <= tol)) | ~jnp.isfinite(err)
+        e_next = jnp.where(~final & (err <= stage_tol), jnp.maximum(eps, e * decay), e)
+        g_new = g + omega * (e * log_b + gh - g)
+        f_new = f + omega * (e_next * log_a + f_hat(g_new, c, e_next) - f)
+        f = jnp.where(done, f, f_new)
+        g = jnp.where(done, g, g_new)
+        return (
+            f,
+            g,
+            jnp.where(done, e, e_next),
+            err,
+            steps + jnp.where(done, 0, 1),
+            done,
+        )
+
+    if unroll:
+        f, g, e, _, steps, _ = eqx.internal.while_loop(
+            cond, body, init, max_steps=max_steps + 1, kind="checkpointed"
+        )
+    else:
+        f, g, e, _, steps, _ = lax.while_loop(cond, body, init)
+    if momentum is not None:  # a plain f-update makes the row marginals exact
+        f = eps * log_a + f_hat(g, c, eps)
+    error = _marginal_errors(f, g, c, a, b, eps)
+    error = jnp.where(e <= eps, error, jnp.inf)  # never reached the target epsilon
+    return f, g, (steps, jnp.array(0), error)
+
+
+def sinkhorn(
+    geom: AbstractGeometry | Float[ArrayLike, "n m"],
+    a: Float[ArrayLike, " n"] | None = None,
+    b: Float[ArrayLike, " m"] | None = None,
+    *,
+    epsilon: float | Float[ArrayLike, ""],
+    tol: float | None = None,
+    max_steps: int = 10_000,
+    momentum: float | None = None,
+    epsilon_schedule: None | Literal["auto"] | tuple[float, float] = None,
+    differentiation: Literal["implicit", "unroll"] = "implicit",
+    throw: bool = True,
+) -> OTSolution:
+    """Entropic optimal transport by log-domain Sinkhorn iterations.
+
+    Solves $\\min_{P \\ge 0,\\ P1 = a,\\ P^T 1 = b} \\langle P, C\\rangle +
+    \\varepsilon\\,\\mathrm{KL}(P\\,\\|\\,ab^T)$ through its dual potentials,
+    $P_{ij} = \\exp((f_i + g_j - C_{ij})/\\varepsilon)$, alternating
+
+    $$g \\leftarrow \\varepsilon\\log b - \\varepsilon\\,\\mathrm{LSE}_i\\big((f_i -
+    C_{ij})/\\varepsilon\\big), \\qquad f \\leftarrow \\varepsilon\\log a -
+    \\varepsilon\\,\\mathrm{LSE}_j\\big((g_j - C_{ij})/\\varepsilon\\big)$$
+
+    (stable for any $\\varepsilon$), optionally over-relaxed
+    ($x \\leftarrow x + \\omega(x_{\\text{new}} - x)$, `momentum` $=\\omega \\in
+    (0, 2)$), until the column marginal's L1 error is at most `tol` (the rows are exact
+    after each f-update).
+
+    **Arguments:**
+
+    - `geom`: a [`solvers.PointCloud`][], a [`solvers.Geometry`][] or an `(n, m)`
+        cost matrix. Its dtype is the solution's dtype.
+    - `a`, `b`: positive weights of equal total mass (default uniform, mass 1).
+    - `epsilon`: the regularisation, absolute (in the units of the cost).
+    - `tol`: tolerance on the L1 marginal error (default $\\sqrt{\\text{eps}}$ of the
+        dtype: 3.5e-4 in float32, 1.5e-8 in float64).
+    - `max_steps`: iteration limit (default 10,000; static).
+    - `momentum`: over-relaxation factor $\\omega$ (None: plain Sinkhorn).
+    - `epsilon_schedule`: continuation for small $\\varepsilon$: `None`, `"auto"`
+        (start at $0.05\\max|C|$, divide by 4 each time the marginal error drops below
+        1e-3) or `(epsilon_init, decay)`.
+    - `differentiation`: `"implicit"` (default: the implicit function theorem on the
+        marginal constraints, costs one linear solve per tangent and works in forward
+        and reverse mode to any order) or `"unroll"` (backpropagate through the
+        iterations with checkpointing; reverse mode; `max_steps` iterations are
+        stored).
+    - `throw`: raise (via `eqx.error_if`, also under `jit`) if the solve fails.
+
+    **Returns:** an [`solvers.OTSolution`][].
+
+    **Failure modes:** shape and dtype mismatches and a concrete `epsilon <= 0` raise
+    at trace time. NaN/inf cost, non-positive or NaN weights, unequal masses, a
+    traced bad epsilon, non-convergence within `max_steps` and non-finite potentials
+    give a result code (raised if `throw`).
+
+    **Derivatives:** $f$, $g$ (hence `plan()`, `reg_ot_cost`, `transport_cost`) are
+    differentiable with respect to the cost matrix (so the points), both marginals
+    and $\\varepsilon$. Implicit mode linearises $P1 = a$, $P^T1 = b$ and solves the
+    Schur complement in $g$ by Jacobi-preconditioned CG; the gauge direction
+    $(1, -1)$ is removed and the potentials are returned in the gauge $\\langle a,
+    f\\rangle = \\langle b, g\\rangle$, so `grad(lambda x: sinkhorn(...).f.sum())` is
+    well defined. Perturbations of the marginals that change the total mass are
+    projected out (the problem is balanced). `reg_ot_cost` uses Danskin's theorem
+    (no linear solve) for first derivatives.
+
+    **Example:**
+
+    ```python
+    import jax
+    import solvers
+
+    x = jax.random.uniform(jax.random.key(0), (200, 2))
+    y = jax.random.uniform(jax.random.key(1), (300, 2))
+    out = solvers.sinkhorn(solvers.PointCloud(x, y), epsilon=1e-2)
+    print(out.reg_ot_cost, out.n_steps, out.error)
+    grad_x = jax.grad(lambda x: solvers.sinkhorn(
+        solvers.PointCloud(x, y), epsilon=1e-2).reg_ot_cost)(x)
+    ```
+
+    Reference: Cuturi, "Sinkhorn Distances", NeurIPS 2013; Peyré & Cuturi,
+    "Computational Optimal Transport", 2019 (log-domain updates, section 4.4).
+    """
+    fn = "sinkhorn"
+    if not (isinstance(max_steps, int) and max_steps > 0):
+        raise ValueError(f"{fn}: max_steps must be a positive int; got {max_steps}.")
+    if momentum is not None and not 0 < momentum < 2:
+        raise ValueError(f"{fn}: momentum must be in (0, 2); got {momentum}.")
+    if differentiation not in ("implicit", "unroll"):
+        raise ValueError(
+            f"{fn}: differentiation must be 'implicit' or 'unroll'; got "
+            f"{differentiation!r}."
+        )
+    unroll = differentiation == "unroll"
+    return solve(
+        _sinkhorn_loop,
+        geom,
+        a,
+        b,
+        epsilon,
+        tol,
+        epsilon_schedule,
+        throw,
+        fn,
+        implicit=not unroll,
+        unroll=unroll,
+        max_steps=max_steps,
+        momentum=momentum,
+    )

@@ -1,0 +1,148 @@
+"""Tests for solvers.cg (the foundation of the preconditioned-CG issue)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import solvers
+
+
+def spd_system(n=30, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=(n, n))
+    a = m @ m.T / n + np.diag(rng.uniform(0.1, 10.0, size=n))
+    return jnp.asarray(a, dtype), jnp.asarray(rng.normal(size=n), dtype)
+
+
+@pytest.mark.parametrize("flexible", [False, True])
+@pytest.mark.parametrize("kind", ["matrix", "callable", "lineax"])
+def test_solves_against_numpy(kind, flexible):
+    a, b = spd_system()
+    operator = {
+        "matrix": a,
+        "callable": lambda x: a @ x,
+        "lineax": lx.MatrixLinearOperator(a, lx.positive_semidefinite_tag),
+    }[kind]
+    jacobi = lambda r: r / jnp.diag(a)  # noqa: E731
+    sol = solvers.cg(operator, b, preconditioner=jacobi, rtol=1e-12, flexible=flexible)
+    np.testing.assert_allclose(sol.x, np.linalg.solve(a, b), rtol=1e-9)
+    k = int(sol.n_steps)
+    norms = np.asarray(sol.residual_norms)
+    assert np.isfinite(norms[: k + 1]).all() and np.isnan(norms[k + 1 :]).all()
+    assert norms[k] <= 1e-12 * np.linalg.norm(b) and bool(sol.converged)
+
+
+def test_preconditioner_reduces_iterations():
+    n = 200
+    diag = np.geomspace(1.0, 1e4, n)
+    a = jnp.asarray(np.diag(diag) + 0.1 * np.eye(n, k=1) + 0.1 * np.eye(n, k=-1))
+    b = jnp.ones(n)
+    plain = solvers.cg(a, b, rtol=1e-8)
+    jacobi = solvers.cg(a, b, rtol=1e-8, preconditioner=jnp.diag(1.0 / jnp.diag(a)))
+    assert int(jacobi.n_steps) < int(plain.n_steps) / 5
+
+
+def test_check_grads_both_modes():
+    a, b = spd_system(8)
+
+    def solve(a, b):
+        return solvers.cg(0.5 * (a + a.T), b, rtol=1e-13).x
+
+    check_grads(solve, (a, b), order=2, modes=("fwd", "rev"))
+
+
+def test_unrolled_matches_implicit():
+    a, b = spd_system(20)
+    g_imp = jax.grad(lambda b: jnp.sum(solvers.cg(a, b, rtol=1e-13).x ** 2))(b)
+    g_unr = jax.grad(
+        lambda b: jnp.sum(
+            solvers.cg(a, b, rtol=1e-13, differentiation="unroll", max_steps=100).x ** 2
+        )
+    )(b)
+    np.testing.assert_allclose(g_unr, g_imp, rtol=1e-8)
+
+
+def test_vmap_per_system_counts_and_no_retrace():
+    a, b = spd_system(20)
+    bs = jnp.stack([b, jnp.ones_like(b), jnp.zeros_like(b).at[0].set(1.0)])
+    batched = jax.vmap(lambda b: solvers.cg(a, b, rtol=1e-10))(bs)
+    for i in range(3):
+        single = solvers.cg(a, bs[i], rtol=1e-10)
+        assert int(batched.n_steps[i]) == int(single.n_steps)
+        np.testing.assert_allclose(batched.x[i], single.x, rtol=1e-10)
+    solve = jax.jit(
+        eqx.debug.assert_max_traces(lambda b: solvers.cg(a, b).x, max_traces=1)
+    )
+    solve(b)
+    solve(2 * b)
+
+
+def test_float32_keeps_dtype():
+    a, b = spd_system(20, dtype=np.float32)
+    sol = solvers.cg(a, b, rtol=1e-5)
+    assert sol.x.dtype == jnp.float32 and sol.residual_norms.dtype == jnp.float32
+    assert np.linalg.norm(
+        np.asarray(a, np.float64) @ np.asarray(sol.x, np.float64)
+        - np.asarray(b, np.float64)
+    ) <= 2e-5 * np.linalg.norm(b)
+
+
+def test_bad_input():
+    a, b = spd_system(10)
+    with pytest.raises(ValueError, match="shape"):
+        solvers.cg(a, b[:5])
+    with pytest.raises(ValueError, match="shape"):
+        solvers.cg(jnp.ones((3, 4)), jnp.ones(3))
+    with pytest.raises(ValueError, match="square"):
+        solvers.cg(a, b, preconditioner=jnp.ones((10, 3)))
+    with pytest.raises(ValueError, match="vector"):
+        solvers.cg(a, jnp.ones((10, 2)))
+    with pytest.raises(TypeError, match="floating"):
+        solvers.cg(a, jnp.ones(10, jnp.int32))
+    codes = {
+        "indefinite": (solvers.cg(-a, b, throw=False), solvers.RESULTS.not_spd),
+        "nan": (
+            solvers.cg(a, b.at[0].set(jnp.nan), throw=False),
+            solvers.RESULTS.nonfinite_input,
+        ),
+        "max_steps": (
+            solvers.cg(a, b, max_steps=2, throw=False),
+            solvers.RESULTS.max_steps_reached,
+        ),
+    }
+    for sol, code in codes.values():
+        assert sol.result == code and not bool(sol.converged)
+    with pytest.raises(Exception, match="positive definite"):
+        jax.block_until_ready(jax.jit(lambda a: solvers.cg(-a, b).x)(a))
+
+
+def test_diffusion_problems():
+    op = solvers.problems.diffusion_2d(jax.random.key(1), 10, variance=1.0)
+    dense = np.asarray(op.to_dense())
+    np.testing.assert_allclose(dense, op.to_scipy().toarray(), atol=1e-14)
+    np.testing.assert_allclose(dense, dense.T, atol=1e-14)
+    assert np.linalg.eigvalsh(dense).min() > 0
+    np.testing.assert_allclose(op.diagonal(), np.diag(dense))
+    again = solvers.problems.diffusion_2d(jax.random.key(1), 10, variance=1.0)
+    np.testing.assert_array_equal(op.kx, again.kx)  # seeded
+
+    def contrast(v):
+        o = solvers.problems.diffusion_2d(jax.random.key(1), 32, variance=v)
+        return float(o.kx.max() / o.kx.min())
+
+    assert contrast(0.0) == pytest.approx(1.0) and contrast(2.0) > contrast(0.5) > 1
+    poisson = np.asarray(solvers.problems.poisson_2d(4).to_dense())
+    lap1d = 2 * np.eye(4) - np.eye(4, k=1) - np.eye(4, k=-1)
+    np.testing.assert_allclose(
+        poisson, np.kron(lap1d, np.eye(4)) + np.kron(np.eye(4), lap1d)
+    )
+    sol = solvers.cg(op.mv, jnp.ones(100), preconditioner=op.jacobi(), rtol=1e-10)
+    np.testing.assert_allclose(sol.x, np.linalg.solve(dense, np.ones(100)), rtol=1e-8)
+    with pytest.raises(ValueError, match="kx"):
+        solvers.problems.Diffusion2D(jnp.ones((3, 3)), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match="variance"):
+        solvers.problems.diffusion_2d(jax.random.key(0), 8, variance=-1.0)

@@ -1,0 +1,324 @@
+"""Tests for solvers.sinkhorn, solvers.sinkhorn_newton, PointCloud and Geometry."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ot
+import pytest
+from jax.test_util import check_grads
+
+import solvers
+
+from .helpers import finite_difference_jvp
+
+SOLVERS = {
+    "sinkhorn": solvers.sinkhorn,
+    "sinkhorn_momentum": lambda *args, **kw: solvers.sinkhorn(
+        *args, momentum=1.5, **kw
+    ),
+    "newton_dense": solvers.sinkhorn_newton,
+    "newton_sparse": lambda *args, **kw: solvers.sinkhorn_newton(
+        *args, hessian="sparse", k=8, **kw
+    ),
+}
+
+
+def problem(n=40, m=50, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(n, 2)).astype(dtype)
+    y = rng.uniform(size=(m, 2)).astype(dtype)
+    a = rng.uniform(0.5, 1.0, size=n)
+    b = rng.uniform(0.5, 1.0, size=m)
+    return x, y, (a / a.sum()).astype(dtype), (b / b.sum()).astype(dtype)
+
+
+def gauge_fixed(f, g, a, b):
+    t = (b @ g - a @ f) / (a.sum() + b.sum())
+    return f + t, g - t
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("eps", [0.1, 0.01])
+def test_matches_pot(name, eps):
+    x, y, a, b = problem()
+    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
+    out = SOLVERS[name](geom, jnp.asarray(a), jnp.asarray(b), epsilon=eps, tol=1e-12)
+    c = np.asarray(geom.cost_matrix)
+    plan, log = ot.sinkhorn(
+        a,
+        b,
+        c,
+        eps,
+        method="sinkhorn_log",
+        stopThr=1e-14,
+        numItermax=100_000,
+        log=True,
+    )
+    f_ref, g_ref = gauge_fixed(eps * log["log_u"], eps * log["log_v"], a, b)
+    np.testing.assert_allclose(out.f, f_ref, atol=1e-8 * eps / 0.01, rtol=0)
+    np.testing.assert_allclose(out.g, g_ref, atol=1e-8 * eps / 0.01, rtol=0)
+    np.testing.assert_allclose(out.plan(), plan, atol=1e-10)
+    assert (
+        abs(
+            out.transport_cost
+            - ot.sinkhorn2(
+                a, b, c, eps, method="sinkhorn_log", stopThr=1e-14, numItermax=100_000
+            )
+        )
+        <= 1e-8
+    )
+    kl = np.sum(plan * np.log(plan / np.outer(a, b)))
+    assert abs(out.reg_ot_cost - (np.sum(plan * c) + eps * kl)) <= 1e-8
+    assert bool(out.converged) and out.error.shape == (2,)
+    assert float(np.max(out.error)) <= 1e-12
+
+
+def test_gaussian_closed_form():
+    # 1-D Gaussians discretised on a fine grid; closed form of Janati et al. (2020)
+    # for KL(P | a b^T) regularisation, with their sigma^2 = epsilon / 2.
+    x = np.linspace(-10, 10, 700)
+    m1, s1, m2, s2 = 0.3, 1.0, -0.5, 1.5
+
+    def dens(m, s):
+        w = np.exp(-((x - m) ** 2) / (2 * s**2))
+        return w / w.sum()
+
+    c = (x[:, None] - x[None, :]) ** 2
+    for eps in (1.0, 0.2):
+        out = solvers.sinkhorn_newton(
+            jnp.asarray(c),
+            jnp.asarray(dens(m1, s1)),
+            jnp.asarray(dens(m2, s2)),
+            epsilon=eps,
+            tol=1e-12,
+        )
+        sig2 = eps / 2
+        d = np.sqrt(4 * s1**2 * s2**2 + sig2**2)
+        closed = (
+            (m1 - m2) ** 2
+            + s1**2
+            + s2**2
+            - d
+            + sig2 * (1 - np.log(2 * sig2))
+            + sig2 * np.log(d + sig2)
+        )
+        assert abs(float(out.reg_ot_cost) - closed) <= 1e-7
+
+
+def _outputs(solver, eps=0.1):
+    def fn(x, y, a, b):
+        out = solver(solvers.PointCloud(x, y), a, b, epsilon=eps, tol=1e-13)
+        return out.reg_ot_cost, out.f, out.g, out.plan()
+
+    return fn
+
+
+@pytest.mark.parametrize("name", ["sinkhorn", "newton_dense"])
+def test_check_grads_points(name):
+    x, y, a, b = problem(5, 6)
+    fn = _outputs(SOLVERS[name])
+    check_grads(
+        lambda x, y: fn(x, y, a, b),
+        (jnp.asarray(x), jnp.asarray(y)),
+        order=2,
+        modes=("fwd", "rev"),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_check_grads_marginals_and_epsilon():
+    x, y, a, b = problem(5, 6)
+    fn = _outputs(solvers.sinkhorn)
+
+    def of_weights(wa, wb):  # stay on the simplex: balanced perturbations
+        return fn(jnp.asarray(x), jnp.asarray(y), wa / wa.sum(), wb / wb.sum())
+
+    check_grads(
+        of_weights,
+        (jnp.asarray(a), jnp.asarray(b)),
+        order=2,
+        modes=("fwd", "rev"),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    c = jnp.asarray(solvers.PointCloud(x, y).cost_matrix)
+    check_grads(
+        lambda eps: solvers.sinkhorn(c, a, b, epsilon=eps, tol=1e-13).reg_ot_cost,
+        (0.1,),
+        order=2,
+        modes=("fwd", "rev"),
+    )
+
+
+def test_gradient_of_potentials_is_gauge_safe():
+    # OTT-JAX fails on grad(out.f.sum()); here it is finite and matches finite
+    # differences (the gauge <a, f> = <b, g> is differentiated along).
+    x, y, a, b = problem(30, 20)
+
+    def loss(x):
+        return solvers.sinkhorn(
+            solvers.PointCloud(x, jnp.asarray(y)), a, b, epsilon=0.05, tol=1e-13
+        ).f.sum()
+
+    x = jnp.asarray(x)
+    grad = jax.grad(loss)(x)
+    direction = jnp.asarray(np.random.default_rng(1).normal(size=x.shape))
+    fd = finite_difference_jvp(loss, (x,), (direction,), eps=1e-5)
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(jnp.vdot(grad, direction), fd, rtol=1e-6)
+
+
+def test_danskin_and_unrolled_agree_with_implicit():
+    x, y, a, b = problem(20, 25)
+    y = jnp.asarray(y)
+
+    def f_sum(x, mode):
+        return solvers.sinkhorn(
+            solvers.PointCloud(x, y),
+            a,
+            b,
+            epsilon=0.05,
+            tol=1e-13,
+            differentiation=mode,
+            max_steps=3000,
+        ).f.sum()
+
+    x = jnp.asarray(x)
+    g_imp = jax.grad(f_sum)(x, "implicit")
+    g_unr = jax.grad(f_sum)(x, "unroll")
+    np.testing.assert_allclose(g_unr, g_imp, rtol=1e-6, atol=1e-9)
+    # Danskin: d reg_ot_cost / dC = P
+    c = jnp.asarray(solvers.PointCloud(x, y).cost_matrix)
+    out = solvers.sinkhorn(c, a, b, epsilon=0.05, tol=1e-13)
+    grad_c = jax.grad(
+        lambda c: solvers.sinkhorn(c, a, b, epsilon=0.05, tol=1e-13).reg_ot_cost
+    )(c)
+    np.testing.assert_allclose(grad_c, out.plan(), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sinkhorn", "newton_dense"])
+def test_vmap_matches_loop_and_jit_does_not_retrace(name):
+    solver = SOLVERS[name]
+    xs = jnp.stack([jnp.asarray(problem(12, 15, seed=s)[0]) for s in range(3)])
+    y = jnp.asarray(problem(12, 15)[1])
+
+    def cost(x):
+        return solver(solvers.PointCloud(x, y), epsilon=0.05, tol=1e-10).reg_ot_cost
+
+    batched = jax.jit(jax.vmap(cost))(xs)
+    looped = [
+        solver(solvers.PointCloud(x, y), epsilon=0.05, tol=1e-10).reg_ot_cost
+        for x in xs
+    ]
+    np.testing.assert_allclose(batched, looped, rtol=1e-9)
+    jitted = jax.jit(eqx.debug.assert_max_traces(cost, max_traces=1))
+    jitted(xs[0])
+    jitted(xs[1])  # new values, no new trace
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_float32(name):
+    x, y, a, b = problem(60, 70, dtype=np.float32)
+    out = SOLVERS[name](
+        solvers.PointCloud(jnp.asarray(x), jnp.asarray(y)),
+        jnp.asarray(a),
+        jnp.asarray(b),
+        epsilon=0.01,
+        tol=1e-5,
+    )
+    assert out.f.dtype == jnp.float32 and out.plan().dtype == jnp.float32
+    assert float(jnp.max(out.error)) <= 1e-5
+    ref = ot.sinkhorn(
+        a.astype(np.float64),
+        b.astype(np.float64),
+        np.asarray(out.cost_matrix, np.float64),
+        0.01,
+        method="sinkhorn_log",
+        stopThr=1e-12,
+        numItermax=100_000,
+    )
+    np.testing.assert_allclose(out.plan(), ref, atol=1e-6)
+
+
+def test_small_epsilon_converges_with_newton():
+    x, y, _, _ = problem(300, 300, seed=3)
+    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
+    out = solvers.sinkhorn_newton(geom, epsilon=1e-4, tol=1e-9)
+    assert bool(out.converged) and out.n_newton_steps > 0
+    plain = solvers.sinkhorn(geom, epsilon=1e-4, tol=1e-9, max_steps=500, throw=False)
+    assert plain.result == solvers.RESULTS.max_steps_reached
+    assert not bool(plain.converged)
+
+
+def test_geometry_kinds_agree():
+    x, y, a, b = problem(10, 12)
+    c = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    out1 = solvers.sinkhorn(jnp.asarray(c), a, b, epsilon=0.1)
+    out2 = solvers.sinkhorn(solvers.Geometry(jnp.asarray(c)), a, b, epsilon=0.1)
+    out3 = solvers.sinkhorn(
+        solvers.PointCloud(
+            jnp.asarray(x), jnp.asarray(y), cost=lambda u, v: jnp.sum((u - v) ** 2)
+        ),
+        a,
+        b,
+        epsilon=0.1,
+    )
+    np.testing.assert_allclose(out1.f, out2.f, atol=1e-12)
+    np.testing.assert_allclose(out1.f, out3.f, atol=1e-8)
+    euclid = solvers.PointCloud(jnp.asarray(x), jnp.asarray(x), cost="euclidean")
+    assert np.isfinite(
+        jax.grad(
+            lambda z: (
+                solvers.sinkhorn(
+                    solvers.PointCloud(z, jnp.asarray(x), cost="euclidean"), epsilon=0.1
+                ).reg_ot_cost
+            )
+        )(jnp.asarray(x))
+    ).all()
+    np.testing.assert_allclose(np.diag(euclid.cost_matrix), 0, atol=1e-7)
+
+
+@pytest.mark.parametrize("fn", [solvers.sinkhorn, solvers.sinkhorn_newton])
+def test_bad_input(fn):
+    x, y, a, b = problem(6, 7)
+    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
+    with pytest.raises(ValueError, match="epsilon"):
+        fn(geom, epsilon=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        fn(geom, jnp.ones(5) / 5, epsilon=0.1)
+    with pytest.raises(ValueError, match="same d"):
+        solvers.PointCloud(jnp.ones((3, 2)), jnp.ones((3, 3)))
+    with pytest.raises(TypeError, match="floating"):
+        fn(jnp.ones((3, 3), jnp.int32), epsilon=0.1)
+    cases = {
+        "negative": (
+            np.where(np.arange(6) == 0, -a[0], a),
+            b,
+            solvers.RESULTS.invalid_weights,
+        ),
+        "nan": (
+            np.where(np.arange(6) == 0, np.nan, a),
+            b,
+            solvers.RESULTS.invalid_weights,
+        ),
+        "unbalanced": (2 * a, b, solvers.RESULTS.unbalanced),
+    }
+    for wa, wb, code in cases.values():
+        out = fn(geom, wa, wb, epsilon=0.1, throw=False)
+        assert out.result == code and not bool(out.converged)
+        with pytest.raises(Exception, match="weights|mass"):
+            jax.block_until_ready(jax.jit(lambda wa: fn(geom, wa, wb, epsilon=0.1))(wa))
+    out = jax.jit(lambda e: fn(geom, epsilon=e, throw=False))(-1.0)
+    assert out.result == solvers.RESULTS.invalid_epsilon
+    c = np.asarray(geom.cost_matrix).copy()
+    c[0, 0] = np.nan
+    out = fn(jnp.asarray(c), epsilon=0.1, throw=False)
+    assert out.result == solvers.RESULTS.nonfinite_input
+    out = fn(geom, epsilon=1e-3, max_steps=3, epsilon_schedule=None, throw=False)
+    assert out.result == solvers.RESULTS.max_steps_reached
+    with pytest.raises(Exception, match="max_steps"):
+        jax.block_until_ready(
+            fn(geom, epsilon=1e-3, max_steps=3, epsilon_schedule=None)
+        )
