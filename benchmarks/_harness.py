@@ -19,8 +19,12 @@ from typing import Any
 import jax
 
 
-def time_fn(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall-clock seconds of `fn(*args)` (outputs blocked on) after warm-up."""
+def time_fn(
+    fn: Callable, *args, repeats: int = 5, warmup: int = 1, long_s: float | None = None
+) -> float:
+    """Median wall-clock seconds of `fn(*args)` (outputs blocked on) after warm-up.
+    With `long_s`, a first timed run longer than `long_s` seconds is returned alone
+    (long runs vary little; repeating them costs minutes)."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
@@ -28,6 +32,8 @@ def time_fn(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
+        if long_s is not None and times[0] > long_s:
+            break
     return statistics.median(times)
 
 

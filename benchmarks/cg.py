@@ -9,7 +9,6 @@ warm-up for JAX entries) and the true final relative residual.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import jax
@@ -31,16 +30,6 @@ def _problems(n):
             jax.random.key(0), n, variance=0.6
         ),
     }
-
-
-def _median_wall(fn, repeats=3):
-    times = []
-    out = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def run(full: bool = False, sizes=None):
@@ -134,13 +123,15 @@ def run(full: bool = False, sizes=None):
                     )
                     return x, its[0]
 
-                t, (x, its) = _median_wall(scipy_cg)
+                t = time_fn(scipy_cg, repeats=3, warmup=0)
+                x, its = scipy_cg()
                 rows.append(("SciPy CG, none", its, 0.0, t, true_res(x)))
                 t0 = time.perf_counter()
                 ilu = spla.spilu(a_csr.tocsc(), drop_tol=0.0, fill_factor=1.0)
                 m_ilu = spla.LinearOperator(a_csr.shape, ilu.solve)
                 setup = time.perf_counter() - t0
-                t, (x, its) = _median_wall(lambda: scipy_cg(m_ilu))
+                t = time_fn(scipy_cg, m_ilu, repeats=3, warmup=0)
+                x, its = scipy_cg(m_ilu)
                 rows.append(
                     ("SciPy CG + ILU (spilu, fill 1)", its, setup, t, true_res(x))
                 )
@@ -149,7 +140,8 @@ def run(full: bool = False, sizes=None):
                     ml = pyamg.smoothed_aggregation_solver(a_csr)
                     m_amg = ml.aspreconditioner(cycle="V")
                     setup = time.perf_counter() - t0
-                    t, (x, its) = _median_wall(lambda: scipy_cg(m_amg))
+                    t = time_fn(scipy_cg, m_amg, repeats=3, warmup=0)
+                    x, its = scipy_cg(m_amg)
                     rows.append(("PyAMG SA + SciPy CG", its, setup, t, true_res(x)))
             t_ref = next(r[3] for r in rows if r[0].startswith("jax.scipy"))
             contrast = float(op.kx.max() / op.kx.min())

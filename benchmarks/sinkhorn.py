@@ -27,15 +27,6 @@ TOL = {"float32": 1e-6, "float64": 1e-9}
 MAX_STEPS = 10_000
 
 
-def _time(fn, *args):
-    """Median of 3 runs after a compiling warm-up, or 1 run when one takes > 1 s."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    return first if first > 1.0 else time_fn(fn, *args, repeats=3, warmup=0)
-
-
 def _points(n, dtype, seed=0):
     rng = np.random.default_rng(seed)
     return (
@@ -114,7 +105,7 @@ def _run_ott(variants, name, x, y, eps, tol):
     # OTT's loop breaks on float32 under jax_enable_x64 (set by this runner).
     with jax.enable_x64(x.dtype == jnp.float64):
         fn = jax.jit(run)
-        t = _time(fn, x, y)
+        t = time_fn(fn, x, y, repeats=3, long_s=1.0)
         f, g, n_iters, c = fn(x, y)
     return t, int(n_iters), _err_from_potentials(c, f, g, eps)
 
@@ -150,7 +141,7 @@ def run(full: bool = False):
                 rows = []
                 for name in ours:
                     fn = jax.jit(_ours(name, eps, tol))
-                    t = _time(fn, geom)
+                    t = time_fn(fn, geom, repeats=3, long_s=1.0)
                     out = fn(geom)
                     err = _err_from_potentials(out.cost_matrix, out.f, out.g, eps)
                     its = f"{int(out.n_steps)} ({int(out.n_newton_steps)})"

@@ -161,13 +161,12 @@ def _validate(a: Array, name: str) -> tuple[Array, RESULTS]:
     return a, result
 
 
-def _choose_method(method: str, a: Array) -> str:
+def _choose_method(method: str) -> str:
     if method != "auto":
         return method
     # Measured on an H100 (benchmarks/RESULTS.md, float32, forward + backward):
     # eigh at HIGHEST precision is 1.3-2.4x faster than Newton-Schulz at n = 64..512
     # and equally accurate in the value, so "auto" is eigh on every backend.
-    del a
     return "eigh"
 
 
@@ -181,7 +180,7 @@ def _sqrtm_impl(a, name, method, backward, tol, max_steps, throw, full_output, w
         )
     if not (isinstance(max_steps, int) and max_steps > 0):
         raise ValueError(f"{name}: max_steps must be a positive int; got {max_steps}.")
-    method = _choose_method(method, a)
+    method = _choose_method(method)
     tol = 10 * default_tol(a.dtype, 1.0) if tol is None else float(tol)
     cfg = _Config(method, backward, want != "inv", want != "sqrt", tol, max_steps)
     a, result = _validate(a, name)

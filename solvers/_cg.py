@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._misc import mv
+from jaxdecomp._misc import default_tol, mm
+
+from ._misc import cg_loop
 from ._solution import RESULTS
 
 
@@ -46,66 +48,7 @@ def as_matvec(operator, name: str, what: str) -> Callable[[Array], Array]:
             f"{name}: {what} must be a square matrix, a lineax operator or a callable; "
             f"got an array of shape {arr.shape}."
         )
-    return lambda x: mv(arr, x)
-
-
-def _cg_loop(matvec, precond, b, x0, *, rtol, atol, max_steps, flexible, unroll):
-    tol = jnp.maximum(rtol * jnp.linalg.norm(lax.stop_gradient(b)), atol)
-    r0 = b - matvec(x0)
-    z0 = precond(r0)
-    norms0 = jnp.full((max_steps + 1,), jnp.nan, b.dtype)
-    norms0 = norms0.at[0].set(jnp.linalg.norm(r0))
-    init = (x0, r0, z0, z0, jnp.vdot(r0, z0), norms0, jnp.array(0), jnp.array(False))
-
-    def cond(s):
-        *_, k, stop = s
-        return ~stop & (k < max_steps)
-
-    def body(s):
-        x, r, z, p, rz, norms, k, _ = s
-        ap = matvec(p)
-        pap = jnp.vdot(p, ap)
-        breakdown = ~(pap > 0) | ~(rz > 0)  # non-SPD operator or preconditioner
-        alpha = jnp.where(breakdown, 0, rz / jnp.where(breakdown, 1, pap))
-        x = x + alpha * p
-        r_new = r - alpha * ap
-        z_new = precond(r_new)
-        rz_new = jnp.vdot(r_new, z_new)
-        # Flexible CG (Polak-Ribiere): beta = <r_new, z_new - z> / <r, z>.
-        num = rz_new - jnp.vdot(r_new, z) if flexible else rz_new
-        beta = jnp.where(breakdown, 0, num / jnp.where(breakdown, 1, rz))
-        p = z_new + beta * p
-        norm = jnp.linalg.norm(r_new)
-        norms = norms.at[k + 1].set(norm)
-        stop = (norm <= tol) | breakdown | ~jnp.isfinite(norm)
-        return x, r_new, z_new, p, rz_new, norms, k + 1, stop
-
-    if unroll:
-        out = eqx.internal.while_loop(
-            cond, body, init, max_steps=max_steps, kind="checkpointed"
-        )
-    else:
-        out = lax.while_loop(cond, body, init)
-    x, r, _, _, _, norms, k, _ = out
-    # the stop flag also fires on breakdown; convergence is judged on the residual
-    return x, (k, norms, jnp.linalg.norm(r) <= tol, jnp.linalg.norm(r))
-
-
-def pcg(matvec, b, inv_diag, rtol, max_steps: int):
-    """Jacobi-preconditioned CG from 0 (the inner solver of the OT solvers): returns
-    the iterate and the step count."""
-    x, (k, *_) = _cg_loop(
-        matvec,
-        lambda r: inv_diag * r,
-        b,
-        jnp.zeros_like(b),
-        rtol=rtol,
-        atol=0.0,
-        max_steps=max_steps,
-        flexible=False,
-        unroll=False,
-    )
-    return x, k
+    return lambda x: mm(arr, x)
 
 
 def cg(
@@ -202,7 +145,7 @@ def cg(
     x0 = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
     if x0.shape != b.shape:
         raise ValueError(f"{fn}: x0 must have shape {b.shape}; got {x0.shape}.")
-    rtol = float(jnp.finfo(b.dtype).eps) ** 0.5 if rtol is None else rtol
+    rtol = default_tol(b.dtype, 0.5) if rtol is None else rtol
     max_steps = 10 * n if max_steps is None else max_steps
     if not (isinstance(max_steps, int) and max_steps > 0):
         raise ValueError(f"{fn}: max_steps must be a positive int; got {max_steps}.")
@@ -217,7 +160,7 @@ def cg(
     opts = dict(rtol=rtol, atol=atol, max_steps=max_steps, flexible=flexible)
 
     if differentiation == "unroll":
-        x, (k, norms, converged, rnorm) = _cg_loop(
+        x, (k, norms, converged, rnorm) = cg_loop(
             matvec, precond, b_safe, x0, unroll=True, **opts
         )
     else:
@@ -226,7 +169,7 @@ def cg(
         x0_ = lax.stop_gradient(x0)
 
         def solve(matvec, rhs):
-            y, aux = _cg_loop(matvec, precond, rhs, x0_, unroll=False, **opts)
+            y, aux = cg_loop(matvec, precond, rhs, x0_, unroll=False, **opts)
             return y, aux
 
         x, (k, norms, converged, rnorm) = lax.custom_linear_solve(

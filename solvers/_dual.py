@@ -13,8 +13,9 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._cg import pcg
-from ._misc import mv
+from jaxdecomp._misc import default_tol, mm
+
+from ._misc import pcg
 
 
 def log_plan(f, g, c, eps):
@@ -81,23 +82,23 @@ def _tangent(c, a, b, eps, f, g, dc, da, db, deps):
     dce = dc + (f[:, None] + g[None, :] - c) * (deps / eps)
     u = eps * da + jnp.sum(p * dce, axis=1)
     v = eps * db + jnp.sum(p * dce, axis=0)
-    rhs = v - mv(p.T, u / r)
+    rhs = v - mm(p.T, u / r)
     # Only mass-preserving perturbations keep the problem balanced: drop the rest.
     rhs = rhs - jnp.mean(rhs)
     shift = jnp.mean(col)
     m = col.shape[0]
 
     def matvec(x):
-        return col * x - mv(p.T, mv(p, x) / r) + shift * jnp.mean(x)
+        return col * x - mm(p.T, mm(p, x) / r) + shift * jnp.mean(x)
 
-    inv_diag = 1.0 / (col - mv((p * p).T, 1.0 / r) + shift / m)
-    tol = float(jnp.finfo(p.dtype).eps) ** (2 / 3)
+    inv_diag = 1.0 / (col - mm((p * p).T, 1.0 / r) + shift / m)
+    tol = default_tol(p.dtype, 2 / 3)
 
     def solve(matvec, rhs):
         return pcg(matvec, rhs, inv_diag, tol, 10 * m)[0]
 
     dg = lax.custom_linear_solve(matvec, rhs, solve, symmetric=True)
-    df = (u - mv(p, dg)) / r
+    df = (u - mm(p, dg)) / r
     return df, dg
 
 

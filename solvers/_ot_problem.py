@@ -7,6 +7,8 @@ import numbers
 import jax.lax as lax
 import jax.numpy as jnp
 
+from jaxdecomp._misc import default_tol
+
 from ._dual import gauge, implicit_solve
 from ._geometry import AbstractGeometry
 from ._solution import RESULTS, OTSolution
@@ -118,7 +120,7 @@ def solve(
     error))` under implicit differentiation (or directly, if not `implicit`), then
     gauge-fix, build the [`solvers.OTSolution`][] and raise on failure if `throw`."""
     c, a, b, eps, result = prepare(geom, a, b, epsilon, fn)
-    tol = float(jnp.finfo(c.dtype).eps) ** 0.5 if tol is None else tol
+    tol = default_tol(c.dtype, 0.5) if tol is None else tol
     epsilon_schedule = check_schedule(epsilon_schedule, fn)
 
     def run(c, a, b, eps):
@@ -129,10 +131,10 @@ def solve(
         f, g, aux = implicit_solve(run, c, a, b, eps)
     else:
         f, g, aux = run(c, a, b, eps)
-    return _finish(OTSolution, f, g, c, a, b, eps, aux, result, tol, throw)
+    return _finish(f, g, c, a, b, eps, aux, result, tol, throw)
 
 
-def _finish(solution_cls, f, g, c, a, b, eps, aux, result, tol, throw):
+def _finish(f, g, c, a, b, eps, aux, result, tol, throw):
     """Gauge-fix, build the solution, and raise on failure if `throw`."""
     n_steps, n_newton, error = aux
     f, g = gauge(f, g, a, b)
@@ -147,7 +149,7 @@ def _finish(solution_cls, f, g, c, a, b, eps, aux, result, tol, throw):
         ),
         result,
     )
-    sol = solution_cls(
+    sol = OTSolution(
         f=f,
         g=g,
         a=a,

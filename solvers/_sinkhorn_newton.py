@@ -8,10 +8,11 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float
 
-from ._cg import pcg
+from jaxdecomp._misc import mm
+
 from ._dual import f_hat, g_hat, log_plan
 from ._geometry import AbstractGeometry
-from ._misc import mv
+from ._misc import pcg
 from ._ot_problem import solve
 from ._solution import OTSolution
 
@@ -23,9 +24,9 @@ def _dense_system(p, r, col, rho):
     """S = diag(col) - P^T diag(1/r) P + rho I, matrix-free, and its diagonal."""
 
     def matvec(x):
-        return col * x - mv(p.T, mv(p, x) / r) + rho * x
+        return col * x - mm(p.T, mm(p, x) / r) + rho * x
 
-    return matvec, col - mv((p * p).T, 1.0 / r) + rho
+    return matvec, col - mm((p * p).T, 1.0 / r) + rho
 
 
 def _sparse_system(vals, idx, r, col, rho):

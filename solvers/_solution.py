@@ -6,6 +6,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from ._dual import dual_value
+
 
 class RESULTS(eqx.Enumeration):
     """Result codes of `solvers`."""
@@ -83,8 +85,6 @@ class OTSolution(eqx.Module):
         are Danskin's (no linear solve): $\\partial/\\partial C = P$,
         $\\partial/\\partial a = f - \\varepsilon\\log a$ (up to a constant), and
         second derivatives go through the implicit potentials."""
-        from ._dual import dual_value  # (a cycle: _dual -> _cg -> RESULTS here)
-
         return dual_value(
             self.cost_matrix, self.a, self.b, self.epsilon, self.f, self.g
         )

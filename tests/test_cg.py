@@ -142,6 +142,12 @@ def test_diffusion_problems():
     )
     sol = solvers.cg(op.mv, jnp.ones(100), preconditioner=op.jacobi(), rtol=1e-10)
     np.testing.assert_allclose(sol.x, np.linalg.solve(dense, np.ones(100)), rtol=1e-8)
+    keys = jax.random.split(jax.random.key(2), 3)
+    batched = jax.jit(jax.vmap(lambda k: solvers.problems.diffusion_2d(k, 8).kx))(keys)
+    for i in range(3):
+        np.testing.assert_allclose(
+            batched[i], solvers.problems.diffusion_2d(keys[i], 8).kx, rtol=1e-12
+        )
     with pytest.raises(ValueError, match="kx"):
         solvers.problems.Diffusion2D(jnp.ones((3, 3)), jnp.ones((3, 4)))
     with pytest.raises(ValueError, match="variance"):

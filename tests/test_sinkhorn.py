@@ -288,6 +288,10 @@ def test_bad_input(fn):
         fn(geom, epsilon=0.0)
     with pytest.raises(ValueError, match="shape"):
         fn(geom, jnp.ones(5) / 5, epsilon=0.1)
+    with pytest.raises(ValueError, match="Geometry"):
+        solvers.Geometry(jnp.ones(3))
+    with pytest.raises(ValueError, match="cost must be"):
+        solvers.PointCloud(jnp.ones((3, 2)), jnp.ones((3, 2)), cost="cosine")
     with pytest.raises(ValueError, match="same d"):
         solvers.PointCloud(jnp.ones((3, 2)), jnp.ones((3, 3)))
     with pytest.raises(TypeError, match="floating"):
