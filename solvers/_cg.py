@@ -38,7 +38,9 @@ class CGSolution(eqx.Module):
 
 def as_matvec(operator, name: str, what: str) -> Callable[[Array], Array]:
     """A matvec from a matrix, a lineax operator or a callable."""
-    if isinstance(operator, lx.AbstractLinearOperator):
+    if isinstance(operator, lx.AbstractLinearOperator) or (
+        hasattr(operator, "mv") and not hasattr(operator, "shape")
+    ):
         return operator.mv
     if callable(operator):
         return operator
@@ -130,7 +132,14 @@ def cg(
     if not jnp.issubdtype(b.dtype, jnp.floating):
         raise TypeError(f"{fn}: b must be floating point; got {b.dtype}.")
     n = b.shape[0]
-    if not callable(operator) and not isinstance(operator, lx.AbstractLinearOperator):
+    if isinstance(operator, lx.AbstractLinearOperator):
+        shape = (operator.out_structure().shape[0], operator.in_structure().shape[0])
+        if shape != (n, n):
+            raise ValueError(
+                f"{fn}: operator must be {n} x {n} to match b; got {shape[0]} x "
+                f"{shape[1]}."
+            )
+    elif not callable(operator) and not hasattr(operator, "mv"):
         shape = jnp.shape(operator)
         if shape != (n, n):
             raise ValueError(

@@ -28,8 +28,9 @@ def cg_loop(matvec, precond, b, x0, *, rtol, atol, max_steps, flexible, unroll):
         pap = jnp.vdot(p, ap)
         breakdown = ~(pap > 0) | ~(rz > 0)  # non-SPD operator or preconditioner
         alpha = jnp.where(breakdown, 0, rz / jnp.where(breakdown, 1, pap))
-        x = x + alpha * p
-        r_new = r - alpha * ap
+        # on breakdown keep the last iterate (p may hold NaN from a broken M^{-1})
+        x = jnp.where(breakdown, x, x + alpha * p)
+        r_new = jnp.where(breakdown, r, r - alpha * ap)
         z_new = precond(r_new)
         rz_new = jnp.vdot(r_new, z_new)
         # Flexible CG (Polak-Ribiere): beta = <r_new, z_new - z> / <r, z>.
@@ -67,3 +68,35 @@ def pcg(matvec, b, inv_diag, rtol, max_steps: int):
         unroll=False,
     )
     return x, k
+
+
+def register_operator(cls, *, symmetric, psd, diagonal=None):
+    """Register a `lineax.AbstractLinearOperator` subclass with lineax's
+    `singledispatch` queries (tags, `linearise`, `materialise`, `diagonal`, ...), so
+    that lineax solvers accept it. `symmetric`/`psd` map an instance to a bool."""
+    import lineax as lx
+
+    lx.linearise.register(cls)(lambda op: op)
+    lx.materialise.register(cls)(lambda op: op)
+    lx.conj.register(cls)(lambda op: op)  # real operators only
+    lx.is_symmetric.register(cls)(symmetric)
+    lx.is_positive_semidefinite.register(cls)(psd)
+    lx.is_negative_semidefinite.register(cls)(lambda op: False)
+    lx.has_unit_diagonal.register(cls)(lambda op: False)
+    for query in (
+        lx.is_diagonal,
+        lx.is_tridiagonal,
+        lx.is_lower_triangular,
+        lx.is_upper_triangular,
+    ):
+        query.register(cls)(lambda op: False)
+    lx.diagonal.register(cls)(
+        diagonal if diagonal is not None else lambda op: jnp.diag(op.as_matrix())
+    )
+
+    def _tridiagonal(op):
+        m = op.as_matrix()
+        return jnp.diag(m), jnp.diag(m, -1), jnp.diag(m, 1)
+
+    lx.tridiagonal.register(cls)(_tridiagonal)
+    return cls

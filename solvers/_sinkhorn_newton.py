@@ -225,7 +225,13 @@ def sinkhorn_newton(
     **Returns:** an [`solvers.OTSolution`][] (`n_newton_steps` counts the Newton
     steps).
 
-    **Failure modes:** as [`solvers.sinkhorn`][].
+    **Failure modes:** as [`solvers.sinkhorn`][]. Float32 has an accuracy floor at
+    small $\\varepsilon$: each plan entry carries a relative rounding error of about
+    $6 \\cdot 10^{-8} \\max|C| / \\varepsilon$ from the potentials inside the
+    exponential (the exact solution of a 1000-point problem rounded to float32 has L1
+    marginal error $3.8 \\cdot 10^{-7}$ at $\\varepsilon = 10^{-3}$ and
+    $4.2 \\cdot 10^{-6}$ at $10^{-4}$); a `tol` below the floor ends in
+    `max_steps_reached`: use float64.
 
     **Derivatives:** implicit, exactly as for [`solvers.sinkhorn`][] (the
     derivative does not depend on the solver); forward and reverse mode, any order.

@@ -36,11 +36,15 @@ def test_runner_rejects_unknown_name():
 
 
 def test_cg_benchmark_runs_and_agrees_with_scipy():
-    (table,) = cg.run(sizes=(16,))
-    rows = {(row[0].split(" (")[0], row[2]): row for row in table.rows}
-    for problem in ("Poisson", "diffusion var 0.6"):
-        ours = rows[(problem, "jaxdecomp cg, none")]
-        scipy_row = rows.get((problem, "SciPy CG, none"))
-        assert ours[6] <= 1e-8  # true relative residual
+    main, gen = cg.run(
+        sizes=(16,), train_steps=3, train_n=8, plots=False, variances=(cg.VARIANCE,)
+    )
+    rows = {(row[0].split(" (")[0], row[2]): row for row in main.rows}
+    for problem in ("Poisson", f"diffusion var {cg.VARIANCE}"):
+        ours = rows[(problem, "solvers.cg + none")]
+        scipy_row = rows.get((problem, "SciPy CG"))
+        for method in ("none", "Jacobi", "IC(0)", "Multigrid V(1,1)"):
+            assert rows[(problem, f"solvers.cg + {method}")][6] <= 1e-8  # true residual
         if scipy_row is not None:  # same stopping rule, same iterations (+-2)
             assert abs(ours[3] - scipy_row[3]) <= 2
+    assert len(gen.rows) == 1

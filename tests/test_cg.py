@@ -140,7 +140,7 @@ def test_diffusion_problems():
     np.testing.assert_allclose(
         poisson, np.kron(lap1d, np.eye(4)) + np.kron(np.eye(4), lap1d)
     )
-    sol = solvers.cg(op.mv, jnp.ones(100), preconditioner=op.jacobi(), rtol=1e-10)
+    sol = solvers.cg(op, jnp.ones(100), preconditioner=solvers.Jacobi(op), rtol=1e-10)
     np.testing.assert_allclose(sol.x, np.linalg.solve(dense, np.ones(100)), rtol=1e-8)
     keys = jax.random.split(jax.random.key(2), 3)
     batched = jax.jit(jax.vmap(lambda k: solvers.problems.diffusion_2d(k, 8).kx))(keys)

@@ -41,7 +41,13 @@ PUBLIC = [
     if not name.startswith("_")
     and (
         inspect.isfunction(getattr(module, name))
-        or name in ("LowRankLinear", "LoRA", "PointCloud", "Geometry", "Diffusion2D")
+        or name
+        in (
+            *("LowRankLinear", "LoRA", "PointCloud", "Geometry", "Diffusion2D"),
+            *("SparseMatrix", "Jacobi", "SSOR", "IncompleteCholesky", "Chebyshev"),
+            *("Multigrid", "NeuralIC", "NeuralFSAI", "FactorizedInverse"),
+            "OmegaBandit",
+        )
     )
 ]
 

@@ -1,5 +1,7 @@
 """Tests for solvers.sinkhorn, solvers.sinkhorn_newton, PointCloud and Geometry."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -38,13 +40,11 @@ def gauge_fixed(f, g, a, b):
     return f + t, g - t
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
-@pytest.mark.parametrize("eps", [0.1, 0.01])
-def test_matches_pot(name, eps):
+@functools.lru_cache
+def pot_reference(eps):
+    """POT's log-domain Sinkhorn on `problem()` (computed once per epsilon)."""
     x, y, a, b = problem()
-    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
-    out = SOLVERS[name](geom, jnp.asarray(a), jnp.asarray(b), epsilon=eps, tol=1e-12)
-    c = np.asarray(geom.cost_matrix)
+    c = np.asarray(solvers.PointCloud(jnp.asarray(x), jnp.asarray(y)).cost_matrix)
     plan, log = ot.sinkhorn(
         a,
         b,
@@ -55,19 +55,22 @@ def test_matches_pot(name, eps):
         numItermax=100_000,
         log=True,
     )
-    f_ref, g_ref = gauge_fixed(eps * log["log_u"], eps * log["log_v"], a, b)
+    return plan, log["log_u"], log["log_v"]
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("eps", [0.1, 0.01])
+def test_matches_pot(name, eps):
+    x, y, a, b = problem()
+    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
+    out = SOLVERS[name](geom, jnp.asarray(a), jnp.asarray(b), epsilon=eps, tol=1e-12)
+    c = np.asarray(geom.cost_matrix)
+    plan, log_u, log_v = pot_reference(eps)
+    f_ref, g_ref = gauge_fixed(eps * log_u, eps * log_v, a, b)
     np.testing.assert_allclose(out.f, f_ref, atol=1e-8 * eps / 0.01, rtol=0)
     np.testing.assert_allclose(out.g, g_ref, atol=1e-8 * eps / 0.01, rtol=0)
     np.testing.assert_allclose(out.plan(), plan, atol=1e-10)
-    assert (
-        abs(
-            out.transport_cost
-            - ot.sinkhorn2(
-                a, b, c, eps, method="sinkhorn_log", stopThr=1e-14, numItermax=100_000
-            )
-        )
-        <= 1e-8
-    )
+    assert abs(out.transport_cost - np.sum(plan * c)) <= 1e-8  # POT's sinkhorn2
     kl = np.sum(plan * np.log(plan / np.outer(a, b)))
     assert abs(out.reg_ot_cost - (np.sum(plan * c) + eps * kl)) <= 1e-8
     assert bool(out.converged) and out.error.shape == (2,)
@@ -111,7 +114,9 @@ def _outputs(solver, eps=0.1):
         out = solver(solvers.PointCloud(x, y), a, b, epsilon=eps, tol=1e-13)
         return out.reg_ot_cost, out.f, out.g, out.plan()
 
-    return fn
+    # jit: check_grads evaluates many jvp/vjp compositions; compiled, each costs one
+    # compilation instead of op-by-op dispatch of the solver loops.
+    return jax.jit(fn)
 
 
 @pytest.mark.parametrize("name", ["sinkhorn", "newton_dense"])
@@ -145,7 +150,9 @@ def test_check_grads_marginals_and_epsilon():
     )
     c = jnp.asarray(solvers.PointCloud(x, y).cost_matrix)
     check_grads(
-        lambda eps: solvers.sinkhorn(c, a, b, epsilon=eps, tol=1e-13).reg_ot_cost,
+        jax.jit(
+            lambda eps: solvers.sinkhorn(c, a, b, epsilon=eps, tol=1e-13).reg_ot_cost
+        ),
         (0.1,),
         order=2,
         modes=("fwd", "rev"),
@@ -221,12 +228,10 @@ def test_vmap_matches_loop_and_jit_does_not_retrace(name):
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_float32(name):
     x, y, a, b = problem(60, 70, dtype=np.float32)
-    out = SOLVERS[name](
+    out = jax.jit(lambda *args: SOLVERS[name](*args, epsilon=0.01, tol=1e-5))(
         solvers.PointCloud(jnp.asarray(x), jnp.asarray(y)),
         jnp.asarray(a),
         jnp.asarray(b),
-        epsilon=0.01,
-        tol=1e-5,
     )
     assert out.f.dtype == jnp.float32 and out.plan().dtype == jnp.float32
     assert float(jnp.max(out.error)) <= 1e-5
@@ -235,9 +240,9 @@ def test_float32(name):
         b.astype(np.float64),
         np.asarray(out.cost_matrix, np.float64),
         0.01,
-        method="sinkhorn_log",
-        stopThr=1e-12,
-        numItermax=100_000,
+        method="sinkhorn",  # float64 converges without the log domain here (and
+        stopThr=1e-12,  # 10x faster; it agrees with sinkhorn_log to 1e-16)
+        numItermax=20_000,
     )
     np.testing.assert_allclose(out.plan(), ref, atol=1e-6)
 

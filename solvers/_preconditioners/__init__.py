@@ -1,0 +1,1 @@
+"""Preconditioners: classic (lineax operators) and learned (Equinox modules)."""

@@ -1,0 +1,129 @@
+"""A geometric multigrid V-cycle for structured-grid diffusion."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+from jaxtyping import Array, Float
+
+from ..problems._diffusion import Diffusion2D
+from ._base import AbstractPreconditioner, positive_or_nan
+
+
+def _coarsen(op: Diffusion2D) -> Diffusion2D:
+    """Rediscretization on the 2x coarser cell-centered grid: a coarse face
+    coefficient is the mean of the two fine faces it covers. (This is half the
+    Galerkin operator of piecewise-constant interpolation, which over-weights the
+    coarse correction by 2.)"""
+    kx = (op.kx[::2, 0::2] + op.kx[::2, 1::2]) / 2
+    ky = (op.ky[0::2, ::2] + op.ky[1::2, ::2]) / 2
+    # the shift of the h^2-scaled operator scales with h^2
+    return Diffusion2D(kx, ky, 4 * op.shift)
+
+
+def _restrict(r, n):  # P^T: sum over the 2 x 2 children
+    return r.reshape(n // 2, 2, n // 2, 2).sum(axis=(1, 3)).reshape(-1)
+
+
+def _prolong(e, n):  # P: piecewise-constant injection
+    e = e.reshape(n // 2, 1, n // 2, 1)
+    return jnp.broadcast_to(e, (n // 2, 2, n // 2, 2)).reshape(-1)
+
+
+class Multigrid(AbstractPreconditioner):
+    """One geometric multigrid V-cycle (from a zero initial guess) as a symmetric
+    positive definite preconditioner for [`solvers.problems.Diffusion2D`][].
+
+    Cell-centered coarsening by 2 while the grid size is even and above
+    `coarsest`; piecewise-constant interpolation $P$ and restriction $P^T$;
+    coarse operators rediscretized from averaged face coefficients; red–black
+    Gauss–Seidel smoothing, `smoothing_steps` (red, black) sweeps before and the
+    reverse (black, red) after, which makes the cycle symmetric; a dense Cholesky
+    solve on the coarsest grid. Matrix-free: every operation is a stencil, so it
+    runs well on a GPU. Differentiable in the coefficients.
+
+    **Arguments:**
+
+    - `operator`: a [`solvers.problems.Diffusion2D`][] with $n = m\\,2^k$, where the
+        coarsest grid $m \\times m$ (at most `max_coarse` unknowns) is solved densely.
+    - `smoothing_steps`: pre- and post-smoothing sweeps (default 1).
+    - `coarsest`: stop coarsening at or below this many cells per side (default 8).
+    - `max_coarse`: largest dense coarse problem allowed (default 4096 unknowns).
+
+    **Example:**
+
+    ```python
+    import solvers
+
+    op = solvers.problems.poisson_2d(32)
+    sol = solvers.cg(op, op.diagonal(), preconditioner=solvers.Multigrid(op))
+    print(sol.n_steps)
+    ```
+
+    Reference: Trottenberg, Oosterlee & Schüller, *Multigrid* (2001), ch. 2 and
+    §5.6 (cell-centered discretizations).
+    """
+
+    levels: list[Diffusion2D]
+    coarse_cholesky: Float[Array, "m m"]
+    smoothing_steps: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        operator: Diffusion2D,
+        smoothing_steps: int = 1,
+        coarsest: int = 8,
+        max_coarse: int = 4096,
+    ):
+        if not isinstance(operator, Diffusion2D):
+            raise TypeError(
+                "Multigrid: needs a structured-grid solvers.problems.Diffusion2D; got "
+                f"{type(operator).__name__} (use IncompleteCholesky or Chebyshev for "
+                "general matrices)."
+            )
+        if not (isinstance(smoothing_steps, int) and smoothing_steps >= 1):
+            raise ValueError(
+                "Multigrid: smoothing_steps must be an int >= 1; got "
+                f"{smoothing_steps}."
+            )
+        levels = [operator]
+        while levels[-1].n % 2 == 0 and levels[-1].n > coarsest:
+            levels.append(_coarsen(levels[-1]))
+        m = levels[-1].n
+        if m * m > max_coarse:
+            raise ValueError(
+                f"Multigrid: the grid n = {operator.n} coarsens only to {m} x {m} "
+                f"(n must be m * 2^k with m^2 <= {max_coarse})."
+            )
+        self.levels = levels
+        self.coarse_cholesky = jnp.linalg.cholesky(levels[-1].to_dense())
+        self.smoothing_steps = smoothing_steps
+
+    def _smooth(self, op, u, f, colors):
+        n = op.n
+        i = jnp.arange(n)
+        red = ((i[:, None] + i[None, :]) % 2 == 0).reshape(-1)
+        inv_d = 1 / positive_or_nan(op.diagonal())
+        for _ in range(self.smoothing_steps):
+            for c in colors:
+                mask = red if c == 0 else ~red
+                u = u + jnp.where(mask, inv_d * (f - op.mv(u)), 0)
+        return u
+
+    def _vcycle(self, level, f):
+        op = self.levels[level]
+        if level == len(self.levels) - 1:
+            return jsl.cho_solve((self.coarse_cholesky, True), f)
+        u = self._smooth(op, jnp.zeros_like(f), f, (0, 1))
+        rc = _restrict(f - op.mv(u), op.n)
+        u = u + _prolong(self._vcycle(level + 1, rc), op.n)
+        return self._smooth(op, u, f, (1, 0))
+
+    def mv(self, r):
+        return self._vcycle(0, r)
+
+    def in_structure(self):
+        op = self.levels[0]
+        return jax.ShapeDtypeStruct((op.n**2,), op.kx.dtype)
