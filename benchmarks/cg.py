@@ -5,9 +5,9 @@ One stopping rule for every entry: ||b - A x||_2 <= rtol ||b||_2 for the recursi
 updated residual (rtol 1e-8 in float64 on CPU, 1e-6 in float32 on GPU), b = 1. The
 tables report iterations, set-up time, solve time (median of 3 after warm-up) and the
 true final relative residual, on held-out log-normal coefficient fields (seeds not
-used for training) and 2-D Poisson. `NeuralIC` and `NeuralFSAI` are trained in the
-same run on 64 x 64 fields of the same family (`train_models`) and applied unchanged
-to larger grids and to a higher-contrast family.
+used for training) and 2-D Poisson. `NeuralIC`, `NeuralFSAI` and `NeuralInverse`
+are trained in the same run on 64 x 64 fields of the same family (`train_models`)
+and applied unchanged to larger grids and to a higher-contrast family.
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ def _setting():
 def train_models(
     n: int = 64, count: int = 32, steps: int = 300, batch_size: int = 4, dtype=None
 ):
-    """Train `solvers.NeuralIC` (solution-weighted loss) and `solvers.NeuralFSAI`
-    (A-norm loss) on `count` fields of the training family at n x n; returns
-    `{name: (model, seconds, losses)}` (seconds include the training solves)."""
+    """Train `solvers.NeuralIC` (solution-weighted loss), `solvers.NeuralFSAI` and
+    `solvers.NeuralInverse` (A-norm loss) on `count` fields of the training family at
+    n x n; returns `{name: (model, seconds, losses)}` (seconds include the training
+    solves)."""
     dtype = dtype or _setting()[0]
     keys = jax.random.split(jax.random.key(0), count)
-    mats = jax.vmap(
-        lambda k: solvers.problems.diffusion_2d(
-            k, n, variance=VARIANCE, dtype=dtype
-        ).to_sparse()
+    ops = jax.vmap(
+        lambda k: solvers.problems.diffusion_2d(k, n, variance=VARIANCE, dtype=dtype)
     )(keys)
+    mats = jax.vmap(lambda op: op.to_sparse())(ops)
     bs = jax.random.normal(jax.random.key(1), (count, n * n), dtype)
     solve = jax.jit(
         jax.vmap(
@@ -66,19 +66,16 @@ def train_models(
     t0 = time.perf_counter()
     xs = solve(mats, bs)
     t_data = time.perf_counter() - t0
-    out = {}
-    for name, model, loss in (
-        (
-            "NeuralIC",
-            solvers.NeuralIC(jax.random.key(2)),
-            solvers.solution_weighted_loss,
-        ),
-        ("NeuralFSAI", solvers.NeuralFSAI(jax.random.key(2)), solvers.a_norm_loss),
+    out, key = {}, jax.random.key(2)
+    for name, model, loss, mat in (
+        ("NeuralIC", solvers.NeuralIC(key), solvers.solution_weighted_loss, mats),
+        ("NeuralFSAI", solvers.NeuralFSAI(key), solvers.a_norm_loss, mats),
+        ("NeuralInverse", solvers.NeuralInverse(key), solvers.a_norm_loss, ops),
     ):
         t0 = time.perf_counter()
         model, losses = solvers.train_preconditioner(
             model,
-            (mats, xs, bs),
+            (mat, xs, bs),
             loss,
             optax.adam(3e-3),
             steps=steps,
@@ -100,8 +97,33 @@ def _jax_preconditioners(trained):
         "Multigrid V(1,1)": solvers.Multigrid,
     }
     for name, (model, _, _) in trained.items():
-        out[f"{name} (trained 64x64)"] = lambda op, m=model: m(op.to_sparse())
+        if name != "NeuralInverse":  # measured apart: see _neural_inverse_row
+            out[f"{name} (trained 64x64)"] = lambda op, m=model: m(op.to_sparse())
     return out
+
+
+def _neural_inverse_row(model, op, rtol):
+    """Flexible CG with the trained NeuralInverse: one solve (iterations, true
+    residual) and the median time of one network application. On a CPU the U-Net
+    costs ~70 matvecs per application, so it is measured on one problem only."""
+    n = op.n
+    b = jnp.ones(n * n, op.kx.dtype)
+    m = model(op)
+    sol = jax.jit(
+        lambda op, m, b: solvers.cg(
+            op,
+            b,
+            preconditioner=m,
+            rtol=rtol,
+            max_steps=40 * n,
+            flexible=True,
+            throw=False,
+        )
+    )(op, m, b)
+    t_apply = time_fn(jax.jit(lambda m, r: m.mv(r)), m, b, repeats=5)
+    t_mv = time_fn(jax.jit(lambda op, r: op.mv(r)), op, b, repeats=5)
+    res = float(jnp.linalg.norm(b - op.mv(sol.x)) / jnp.linalg.norm(b))
+    return int(sol.n_steps), t_apply, t_mv, res
 
 
 def _run_problem(op, dtype, rtol, trained, anchors, histories):
@@ -292,9 +314,9 @@ def run(
         "in CSR. Setup = building the preconditioner from the matrix (jitted; "
         "host-side level schedules are computed once per sparsity pattern and "
         "cached, not included).",
-        f"NeuralIC / NeuralFSAI: trained in this run on 32 fields at {train_n} x "
-        f"{train_n} (variance {VARIANCE}), {train_steps} Adam steps (lr 3e-3), "
-        "batch 4; "
+        "NeuralIC / NeuralFSAI / NeuralInverse: trained in this run on 32 fields "
+        f"at {train_n} x {train_n} (variance {VARIANCE}), {train_steps} Adam "
+        "steps (lr 3e-3), batch 4; "
         + "; ".join(
             f"{k}: {v[1]:.0f} s including the training solves, loss "
             f"{v[2][0]:.3g} -> {np.mean(v[2][-20:]):.3g}"
@@ -303,6 +325,29 @@ def run(
         + ". The model names say the training grid; the same weights run on every "
         "size.",
     ]
+    if "NeuralInverse" in trained:
+        n0 = sizes[0]
+        op = solvers.problems.diffusion_2d(
+            jax.random.key(HELD_OUT + n0), n0, variance=VARIANCE, dtype=dtype
+        )
+        its, t_apply, t_mv, res = _neural_inverse_row(
+            trained["NeuralInverse"][0], op, rtol
+        )
+        jac = next(
+            r[3]
+            for r in main.rows
+            if r[1] == f"{n0} x {n0}"
+            and r[0].startswith(f"diffusion var {VARIANCE} ")
+            and r[2] == "solvers.cg + Jacobi"
+        )
+        main.notes.append(
+            f"NeuralInverse (U-Net, float32 network, flexible CG), held-out diffusion "
+            f"var {VARIANCE} at {n0} x {n0}: {its} iterations (Jacobi: {jac}; the "
+            f"untrained model is Jacobi), true rel. residual {res:.2g}; one network "
+            f"application {t_apply * 1e3:.2f} ms = {t_apply / t_mv:.0f} matvecs "
+            f"({t_mv * 1e3:.3f} ms) on this machine, so it is not timed at larger "
+            "sizes."
+        )
     if plots and curves:
 
         def draw_iterations(ax):

@@ -27,6 +27,10 @@ from ._preconditioners.neural_ic import (
     NeuralIC as NeuralIC,
     solution_weighted_loss as solution_weighted_loss,
 )
+from ._preconditioners.neural_inverse import (
+    NetworkPreconditioner as NetworkPreconditioner,
+    NeuralInverse as NeuralInverse,
+)
 from ._preconditioners.omega_bandit import OmegaBandit as OmegaBandit
 from ._preconditioners.ssor import SSOR as SSOR
 from ._sinkhorn import sinkhorn as sinkhorn

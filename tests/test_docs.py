@@ -46,7 +46,7 @@ PUBLIC = [
             *("LowRankLinear", "LoRA", "PointCloud", "Geometry", "Diffusion2D"),
             *("SparseMatrix", "Jacobi", "SSOR", "IncompleteCholesky", "Chebyshev"),
             *("Multigrid", "NeuralIC", "NeuralFSAI", "FactorizedInverse"),
-            "OmegaBandit",
+            *("OmegaBandit", "NeuralInverse"),
         )
     )
 ]

@@ -565,3 +565,56 @@ def test_neural_fsai_and_a_norm_loss():
         model, solvers.a_norm_loss, (mats, xs, bs), steps=40
     )
     assert np.mean(losses[-10:]) < 0.8 * loss0, (loss0, losses[-10:])
+
+
+def test_neural_inverse():
+    keys = jax.random.split(jax.random.key(7), 4)
+    ops = jax.vmap(lambda k: solvers.problems.diffusion_2d(k, 8, variance=1.0))(keys)
+    bs = jax.random.normal(jax.random.key(8), (4, 64))
+    xs = jax.vmap(lambda op, b: solvers.cg(op, b, rtol=1e-12).x)(ops, bs)
+    op0 = jax.tree_util.tree_map(lambda x: x[0], ops)
+    model = solvers.NeuralInverse(
+        jax.random.key(0), width=4, levels=2, dtype=jnp.float64
+    )
+    r = jnp.linspace(-1.0, 2.0, 64)
+    # untrained = Jacobi; positively homogeneous once trained
+    np.testing.assert_allclose(model(op0).mv(r), r / op0.diagonal(), rtol=1e-12)
+    noisy = jax.tree_util.tree_map(
+        lambda p: p + 0.1 if eqx.is_inexact_array(p) else p, model
+    )
+    m = noisy(op0)
+    np.testing.assert_allclose(m.mv(3.0 * r), 3.0 * m.mv(r), rtol=1e-12)
+    assert not np.allclose(m.mv(r), r / op0.diagonal())
+    # derivatives of the Kaneda loss with respect to the weights, both modes
+    problem = jax.tree_util.tree_map(lambda x: x[0], (ops, xs, bs))
+    params, static = eqx.partition(noisy, eqx.is_inexact_array)
+
+    def loss_of_output_layer(w):
+        mm = eqx.combine(eqx.tree_at(lambda p: p.out.weight, params, w), static)
+        return solvers.a_norm_loss(mm, problem)
+
+    check_grads(
+        jax.jit(loss_of_output_layer),
+        (params.out.weight,),
+        order=1,
+        modes=("fwd", "rev"),
+    )
+    # training lowers the loss; the result preconditions flexible CG
+    loss0, trained, losses = mean_loss_and_train(
+        model, solvers.a_norm_loss, (ops, xs, bs), steps=30
+    )
+    assert np.mean(losses[-5:]) < loss0, (loss0, losses[-5:])
+    sol = solvers.cg(op0, jnp.ones(64), preconditioner=trained(op0), flexible=True)
+    assert bool(sol.converged)
+    # float32 keeps its dtype
+    op32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), op0)
+    m32 = jax.tree_util.tree_map(
+        lambda p: p.astype(jnp.float32) if eqx.is_inexact_array(p) else p, noisy
+    )
+    assert m32(op32).mv(r.astype(jnp.float32)).dtype == jnp.float32
+    with pytest.raises(TypeError, match="Diffusion2D"):
+        model(op0.to_sparse())
+    with pytest.raises(ValueError, match="divisible"):
+        solvers.NeuralInverse(jax.random.key(0), levels=3)(
+            solvers.problems.poisson_2d(6)
+        )
