@@ -49,7 +49,7 @@ class SparsityPattern:
         self.rows = rows.astype(np.int32)
         self.cols = cols.astype(np.int32)
         self.shape = shape
-        self.order = order  # how the given entries were sorted
+        self.order = order.astype(np.int32)  # how the given entries were sorted
         self._hash = hash(
             (shape, hashlib.sha1(self.rows.tobytes() + self.cols.tobytes()).hexdigest())
         )
@@ -81,7 +81,7 @@ class SparsityPattern:
     def transpose_perm(self) -> np.ndarray:
         """`perm` such that `values[perm]` are the values of the transpose in its CSR
         order."""
-        return np.lexsort((self.rows, self.cols))
+        return np.lexsort((self.rows, self.cols)).astype(np.int32)
 
     @ft.cached_property
     def transposed(self) -> SparsityPattern:
@@ -91,7 +91,7 @@ class SparsityPattern:
     @ft.cached_property
     def diagonal_index(self) -> np.ndarray:
         """Index of each diagonal entry in the values (-1 where not stored)."""
-        out = -np.ones(min(self.shape), np.int64)
+        out = -np.ones(min(self.shape), np.int32)
         d = np.nonzero(self.rows == self.cols)[0]
         out[self.rows[d]] = d
         return out
@@ -99,7 +99,7 @@ class SparsityPattern:
     @ft.cached_property
     def lower_index(self) -> np.ndarray:
         """Indices (into the values) of the entries with col <= row."""
-        return np.nonzero(self.cols <= self.rows)[0]
+        return np.nonzero(self.cols <= self.rows)[0].astype(np.int32)
 
     @ft.cached_property
     def lower(self) -> SparsityPattern:
