@@ -11,6 +11,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._sparse import SparseMatrix
+from ._base import as_sparse
 from .incomplete_cholesky import IncompleteCholesky, ic0_factor
 
 
@@ -57,19 +58,8 @@ class MatrixGNN(eqx.Module):
     def __call__(self, a: SparseMatrix, name: str):
         """`(delta, sqrt_diag, a_hat)`: the read-out on the lower entries, $\\sqrt{
         \\mathrm{diag}(A)}$ and $\\hat A$ (a SparseMatrix)."""
-        if not isinstance(a, SparseMatrix):
-            if hasattr(a, "to_sparse"):
-                a = a.to_sparse()
-            else:
-                raise TypeError(
-                    f"{name}: needs a solvers.SparseMatrix (or a problem with "
-                    f"to_sparse()); got {type(a).__name__}."
-                )
+        a = as_sparse(a, name)
         p = a.pattern
-        if not p.is_symmetric or np.any(p.diagonal_index < 0):
-            raise ValueError(
-                f"{name}: the matrix needs a symmetric pattern with a stored diagonal."
-            )
         dtype = a.values.dtype
         d = a.diagonal()
         sd = jnp.sqrt(jnp.where(d > 0, d, jnp.nan))
