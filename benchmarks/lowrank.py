@@ -2,14 +2,17 @@
 
 MLP 64-256-256-10 (ReLU), cross-entropy, minibatches of 128, several seeds, in the
 format of DLRT's LeNet table. Rows: dense + Adam; factorized (A B^T, fixed rank) +
-Adam; DLRT (`jaxdecomp.lowrank.dlrt`, rank-adaptive, several tau) for the two hidden
-layers with Adam on the output layer; post-hoc `compress` of the trained dense model
-(truncated SVD, global budget, no fine-tuning). Parameters are counted as exported
+Adam; DLRT (`jaxdecomp.lowrank.dlrt`, rank-adaptive, SGD or Adam, several tau) for the
+two hidden layers with Adam on the output layer; TRP; post-hoc `compress` of the
+trained dense model (truncated SVD, global budget, no fine-tuning). Plots (docs/img):
+accuracy against parameters, and DLRT's rank history. Parameters are counted as exported
 (rank r layer: r (in + out) + bias). Then LoRA fine-tuning: pretrain on digits 0-4,
 adapt to 5-9, LoRA (rank 4) vs full fine-tuning.
 """
 
 from __future__ import annotations
+
+import pathlib
 
 import equinox as eqx
 import jax
@@ -25,11 +28,12 @@ from jaxdecomp.lowrank import (
     compression_report,
     dlrt,
     lora,
+    ranks,
     trainable,
     trp,
 )
 
-from ._harness import Table, optional_import, time_fn
+from ._harness import Table, optional_import, save_figure, time_fn
 
 
 class MLP(eqx.Module):
@@ -88,6 +92,8 @@ def _make(kind, key, rank=6, max_rank=32):
                 last,
             ]
         )
+    if kind == "dlrt_all":  # the output layer low-rank too (max rank 10)
+        last = LowRankLinear(256, 10, 10, dtype=f32, key=k3)
     return MLP(
         [
             LowRankLinear(64, 256, max_rank, dtype=f32, key=k1),
@@ -97,28 +103,75 @@ def _make(kind, key, rank=6, max_rank=32):
     )
 
 
-def _optimizer(kind, model, tau=None, lr_dlrt=0.05):
-    if kind not in ("dlrt", "trp"):
-        return optax.adam(1e-3)
+def _labels(model, hidden_labels):
+    """multi_transform labels: the hidden layers get `hidden_labels[i]`, the rest
+    "adam". The labels tree is itself a (callable) module, so it is passed through a
+    function."""
     labels = jax.tree_util.tree_map(lambda _: "adam", model)
-    for i in (0, 1):
+    for i, lab in enumerate(hidden_labels):
         labels = eqx.tree_at(
             lambda m, i=i: m.layers[i],
             labels,
-            jax.tree_util.tree_map(lambda _: "dlrt", model.layers[i]),
+            jax.tree_util.tree_map(lambda _, lab=lab: lab, model.layers[i]),
         )
-    # The labels tree is itself a (callable) module, so pass it through a function.
-    hidden = (
-        dlrt(lr_dlrt, tau, momentum=0.9)
-        if kind == "dlrt"
-        else trp(0.1, nuclear_weight=1e-3, period=20, tol=0.3)
-    )
+    return lambda _: labels
+
+
+def _hidden_optimizer(model, transforms):
+    """`transforms[i]` for layer i, Adam (1e-3) for the other layers."""
+    names = [f"h{i}" for i in range(len(transforms))]
     return optax.multi_transform(
-        {"dlrt": hidden, "adam": optax.adam(1e-3)}, lambda _: labels
+        {**dict(zip(names, transforms)), "adam": optax.adam(1e-3)},
+        _labels(model, names),
     )
 
 
-def _train(model, opt, train, epochs, seed, filter_spec=None):
+STEPS_PER_EPOCH = 11  # 1438 training digits, batches of 128
+
+
+def _methods(taus_sgd, taus_adam, epochs):
+    """(name, model kind, optimizer factory) per row of the main table."""
+
+    def cosine():
+        return optax.cosine_decay_schedule(1e-2, epochs * STEPS_PER_EPOCH)
+
+    rows = [
+        ("dense + Adam", "dense", lambda m: optax.adam(1e-3)),
+        ("factorized r=6 + Adam", "factorized", lambda m: optax.adam(1e-3)),
+    ]
+    for tau in taus_sgd:
+        rows.append(
+            (
+                f"DLRT SGD tau={tau}",
+                "dlrt",
+                lambda m, t=tau: _hidden_optimizer(
+                    m, [dlrt(0.05, t, momentum=0.9)] * 2
+                ),
+            )
+        )
+    for tau in taus_adam:
+        per_layer = (tau, tau) if isinstance(tau, float) else tau
+        name = f"DLRT Adam cosine tau={tau}"
+        if len(per_layer) == 3:
+            name += " (all 3 layers)"
+        rows.append(
+            (
+                name,
+                "dlrt" if len(per_layer) == 2 else "dlrt_all",
+                lambda m, ts=per_layer: _hidden_optimizer(
+                    m, [dlrt(cosine(), t, method="adam") for t in ts]
+                ),
+            )
+        )
+    return rows
+
+
+TRP_SETTINGS = ((0.05, 1e-3, 20, 0.2), (0.1, 1e-4, 20, 0.3))
+
+
+def _train(model, opt, train, epochs, seed, filter_spec=None, history=None):
+    """Minibatch training; returns (model, median jitted step time). With `history`
+    (a list), appends `ranks(model)` after every epoch."""
     (x, y) = train
     filter_spec = eqx.is_inexact_array if filter_spec is None else filter_spec
     params, static = eqx.partition(model, filter_spec)
@@ -139,74 +192,115 @@ def _train(model, opt, train, epochs, seed, filter_spec=None):
             params, state = step(
                 params, state, jnp.asarray(x[idx]), jnp.asarray(y[idx])
             )
+        if history is not None:
+            history.append([np.asarray(r).tolist() for r in ranks(params)])
     step_time = time_fn(
         step, params, state, jnp.asarray(x[:batch]), jnp.asarray(y[:batch]), repeats=20
     )
     return eqx.combine(params, static), step_time
 
 
-def run(full: bool = False):
-    seeds = range(5) if full else range(1)
-    epochs = 60 if full else 10
-    taus = (0.1, 0.15, 0.2, 0.25, 0.3) if full else (0.1, 0.2)
+def _lowrank_ranks(report):
+    """Ranks of the factored layers of a compression report (dense layers: [])."""
+    return [layer["rank"] for layer in report["layers"] if layer["type"] != "Linear"]
+
+
+def _export(model):
+    """The deployable model: low-rank layers at their true rank (`shrink()`)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.shrink() if isinstance(x, LowRankLinear) else x,
+        model,
+        is_leaf=lambda x: isinstance(x, LowRankLinear),
+    )
+
+
+def _exported_step_time(model, train):
+    """Median Adam step (batch 128) of the exported model: what training or
+    fine-tuning the low-rank model costs at its rank."""
+    _, t = _train(_export(model), optax.adam(1e-3), train, 0, 0)
+    return t
+
+
+def run(
+    full: bool = False,
+    seeds=None,
+    epochs=None,
+    taus_sgd=None,
+    taus_adam=None,
+    plots: bool = True,
+    trp_settings=None,
+):
+    seeds = (range(5) if full else range(1)) if seeds is None else seeds
+    epochs = (60 if full else 10) if epochs is None else epochs
+    if taus_sgd is None:
+        taus_sgd = (0.1, 0.15, 0.2, 0.25, 0.3) if full else (0.2,)
+    if taus_adam is None:
+        taus_adam = (0.2, 0.25, (0.15, 0.35), (0.15, 0.35, 0.3))
+        if not full:
+            taus_adam = taus_adam[2:]
+    trp_settings = TRP_SETTINGS if trp_settings is None else trp_settings
     if _data(0) is None:
         return []
     with jax.numpy_dtype_promotion("standard"):
-        return _run(seeds, epochs, taus)
+        return _run(seeds, epochs, taus_sgd, taus_adam, plots, trp_settings)
 
 
-def _run(seeds, epochs, taus):
-    configs = [("dense", None), ("factorized", None)] + [("dlrt", t) for t in taus]
-    results = {}
+def _run(seeds, epochs, taus_sgd, taus_adam, plots, trp_settings):
+    results, histories = {}, {}
     for seed in seeds:
         train, test = _data(seed)
         dense_model = None
-        for kind, tau in configs:
+        for name, kind, make_opt in _methods(taus_sgd, taus_adam, epochs):
             model = _make(kind, jr.key(seed))
-            opt = _optimizer(kind, model, tau)
-            model, t = _train(model, opt, train, epochs, seed)
+            history = [] if kind.startswith("dlrt") and seed == seeds[0] else None
+            model, t = _train(
+                model, make_opt(model), train, epochs, seed, None, history
+            )
+            if history is not None:
+                histories[name] = history
             if kind == "dense":
                 dense_model = model
-            name = (
-                "dense + Adam"
-                if kind == "dense"
-                else (
-                    "factorized r=6 + Adam"
-                    if kind == "factorized"
-                    else f"DLRT tau={tau}"
+            rep = compression_report(model)
+            results.setdefault(name, []).append(
+                (
+                    _accuracy(model, *test),
+                    rep["total_params"],
+                    t,
+                    _exported_step_time(model, train),
+                    _lowrank_ranks(rep),
                 )
             )
-            rep = compression_report(model)
-            ranks = [layer["rank"] for layer in rep["layers"][:2]]
-            results.setdefault(name, []).append(
-                (_accuracy(model, *test), rep["total_params"], t, ranks)
+        # TRP baseline: SGD with nuclear-norm penalty and periodic truncation of the
+        # hidden layers (Adam on the output layer), exported by truncated SVD at the
+        # same tolerance.
+        for lr, weight, period, tol in trp_settings:
+            dense0 = _make("dense", jr.key(seed))
+            opt = _hidden_optimizer(dense0, [trp(lr, weight, period, tol)] * 2)
+            model, t = _train(dense0, opt, train, epochs, seed)
+            small = compress(model, tol=tol, where=lambda m: m.layers[:2])
+            rep = compression_report(small)
+            results.setdefault(
+                f"TRP (SGD {lr}, nuclear {weight:g}, tol {tol})", []
+            ).append(
+                (
+                    _accuracy(small, *test),
+                    rep["total_params"],
+                    t,
+                    _exported_step_time(small, train),
+                    _lowrank_ranks(rep),
+                )
             )
-        # TRP baseline: SGD with nuclear-norm penalty and periodic truncation, then
-        # exported by truncated SVD at the same tolerance.
-        dense0 = _make("dense", jr.key(seed))
-        model, t = _train(
-            dense0,
-            _optimizer("trp", dense0),
-            train,
-            epochs,
-            seed,
-        )
-        small = compress(model, tol=0.3, where=lambda m: m.layers[:2])
-        rep = compression_report(small)
-        results.setdefault("TRP (SGD, nuclear 1e-3, tol 0.3) + Adam output", []).append(
-            (
-                _accuracy(small, *test),
-                rep["total_params"],
-                t,
-                [layer["rank"] for layer in rep["layers"][:2]],
-            )
-        )
         for budget in (4000, 8000):
             small = compress(dense_model, budget=budget, where=lambda m: m.layers[:2])
             rep = compression_report(small)
-            ranks = [layer["rank"] for layer in rep["layers"][:2]]
             results.setdefault(f"compress (budget {budget}, no fine-tune)", []).append(
-                (_accuracy(small, *test), rep["total_params"], None, ranks)
+                (
+                    _accuracy(small, *test),
+                    rep["total_params"],
+                    None,
+                    _exported_step_time(small, train),
+                    _lowrank_ranks(rep),
+                )
             )
     n_dense = results["dense + Adam"][0][1]
     acc_dense = np.mean([r[0] for r in results["dense + Adam"]])
@@ -218,34 +312,100 @@ def _run(seeds, epochs, taus):
             "Δ vs dense (points)",
             "params",
             "compression (%)",
-            "ranks (hidden layers)",
+            "ranks (low-rank layers)",
             "train step (ms)",
+            "exported step (ms)",
         ],
     )
+    summary = {}
     for name, rows in results.items():
         acc = np.array([r[0] for r in rows]) * 100
         params = int(np.mean([r[1] for r in rows]))
-        ranks = sorted({tuple(r[3]) for r in rows})
+        ranks_seen = sorted({tuple(r[4]) for r in rows})
         t = [r[2] for r in rows if r[2] is not None]
+        summary[name] = (params, acc.mean(), acc.std())
         table.add(
             name,
             f"{acc.mean():.2f} ± {acc.std():.2f}",
             round(acc.mean() - 100 * acc_dense, 2),
             params,
             round(100 * (1 - params / n_dense), 1),
-            ", ".join(str(list(r)) for r in ranks[:3]),
+            ", ".join(str(list(r)) if r else "dense" for r in ranks_seen[:3]),
             1e3 * float(np.median(t)) if t else None,
+            1e3 * float(np.median([r[3] for r in rows])),
         )
     table.notes.append(
-        "Params as exported (rank-r layer: r (in + out) + bias); DLRT trains at "
-        "max_rank 32 with masks (export with `shrink()`), SGD (lr 0.05, momentum "
-        "0.9) on the factors and Adam on the output layer. Step time: median of 20 "
-        "jitted steps "
-        "(batch 128) after training; DLRT's includes its QR/SVD of 2 max_rank-wide "
-        "bases, which dominates on a CPU; the exported model costs as the factorized "
-        "row at its rank."
+        "Params as exported (rank-r layer: r (in + out) + bias). DLRT trains the two "
+        "hidden layers at max_rank 32 with masks (exported with `shrink()`), either "
+        "SGD (lr 0.05, momentum 0.9) or basis-free Adam with a cosine-decayed rate "
+        "(1e-2 -> 0), one tau for both layers or a pair (first, second hidden layer, "
+        "two `dlrt` transforms in `optax.multi_transform`); Adam 1e-3 on the output "
+        "layer, except in the 'all 3 layers' row, where the output layer is a "
+        "LowRankLinear (max rank 10) trained by a third `dlrt` (third tau). "
+        "Train step: median of 20 jitted steps (batch 128) after training, as "
+        "trained (DLRT's includes QR/SVDs of 2 max_rank-wide bases per layer, which "
+        "dominate on a CPU). Exported step: an Adam step of the exported model "
+        "(factorized layers at the found ranks), i.e. what training or fine-tuning "
+        "the low-rank model costs at that rank, against the dense row."
     )
+    if plots:
+        _plot_accuracy(summary, n_dense)
+        _plot_rank_history(histories)
     return [table, _lora_table(seeds, epochs)]
+
+
+PLOT_DIR = pathlib.Path(__file__).resolve().parent.parent / "docs" / "img"
+
+
+def _plot_accuracy(summary, n_dense):
+    """Test accuracy against parameters, one marker per method (docs/img)."""
+
+    def draw(ax):
+        ax.set_yscale("linear")
+        markers = "os^vDP*Xhd<>"
+        for i, (name, (params, acc, std)) in enumerate(summary.items()):
+            ax.errorbar(
+                params,
+                acc,
+                yerr=std,
+                fmt=markers[i % len(markers)],
+                label=name,
+                capsize=2,
+            )
+        ax.axvline(0.1 * n_dense, color="gray", ls=":", lw=1)
+        ax.set_xlabel("parameters (exported)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(85, 100)
+        ax.set_title(
+            "digits MLP: accuracy against parameters (dotted: 90% compression)"
+        )
+
+    save_figure(PLOT_DIR / "lowrank_accuracy.png", draw)
+
+
+def _plot_rank_history(histories):
+    """Active rank of each hidden layer after every epoch, per DLRT run (seed 0)."""
+
+    def draw(ax):
+        ax.set_xscale("linear")
+        ax.set_yscale("linear")
+        colors = [f"C{i}" for i in range(10)] + ["black", "olive", "navy"]
+        for i, (name, hist) in enumerate(histories.items()):
+            h = np.array(hist)
+            epochs = np.arange(1, len(h) + 1)
+            for layer, style in ((0, "-"), (1, "--")):
+                ax.plot(
+                    epochs,
+                    h[:, layer],
+                    style,
+                    color=colors[i % len(colors)],
+                    label=f"{name}" if layer == 0 else None,
+                )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("active rank (solid: layer 1, dashed: layer 2)")
+        ax.set_title("DLRT rank history (hidden layers; max_rank 32)")
+
+    save_figure(PLOT_DIR / "lowrank_rank_history.png", draw)
 
 
 def _lora_table(seeds, epochs):

@@ -140,26 +140,37 @@ def is_linear(x) -> bool:
     return isinstance(x, eqx.nn.Linear)
 
 
-def select_linear_layers(model, where, name: str):
+def is_conv(x) -> bool:
+    """An ungrouped `eqx.nn.Conv` (any number of spatial dimensions)."""
+    return isinstance(x, eqx.nn.Conv) and x.groups == 1
+
+
+def select_linear_layers(model, where, name: str, *, convs: bool = False):
     """Resolve `where` (a `model -> layer | sequence of layers` selector, default: every
-    `eqx.nn.Linear`) to `(where, layers, single)`, checking every selected layer is a
-    non-scalar `eqx.nn.Linear`. Replace with
+    `eqx.nn.Linear`, and every ungrouped `eqx.nn.Conv` if `convs`) to
+    `(where, layers, single)`, checking the type of every selected layer. Replace with
     `eqx.tree_at(where, model, new[0] if single else new)`."""
+
+    def ok(x):
+        return is_linear(x) or (convs and is_conv(x))
+
     if where is None:
 
         def where(m):
-            return [x for x in jtu.tree_leaves(m, is_leaf=is_linear) if is_linear(x)]
+            return [x for x in jtu.tree_leaves(m, is_leaf=ok) if ok(x)]
 
     selected = where(model)
     single = not isinstance(selected, (list, tuple))
     layers = [selected] if single else list(selected)
     if not layers:
         raise ValueError(f"{name}: `where` selected no layers.")
+    kinds = "(non-scalar) eqx.nn.Linear"
+    kinds += " or ungrouped eqx.nn.Conv" if convs else ""
     for layer in layers:
-        if not is_linear(layer) or layer.in_features == "scalar":
+        if not ok(layer) or (is_linear(layer) and layer.in_features == "scalar"):
             raise TypeError(
-                f"{name}: can only handle (non-scalar) eqx.nn.Linear layers; `where` "
-                f"selected a {type(layer).__name__}."
+                f"{name}: can only handle {kinds} layers; `where` selected a "
+                f"{type(layer).__name__}."
             )
     return where, layers, single
 

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import _harness, cg, implicit
+from benchmarks import _harness, cg, implicit, lowrank
 from benchmarks.__main__ import main
 
 
@@ -35,12 +35,19 @@ def test_runner_rejects_unknown_name():
         main(["no-such-benchmark"])
 
 
+@pytest.mark.slow  # a minute of compilation; run with --runslow before benchmarking
 def test_cg_benchmark_runs_and_agrees_with_scipy():
-    main, gen = cg.run(
-        sizes=(16,), train_steps=3, train_n=8, plots=False, variances=(cg.VARIANCE,)
+    main, gen, three_d = cg.run(
+        sizes=(16,),
+        train_steps=3,
+        train_n=8,
+        plots=False,
+        variances=(cg.VARIANCE,),
+        sizes_3d=(8,),
     )
-    rows = {(row[0].split(" (")[0], row[2]): row for row in main.rows}
-    for problem in ("Poisson", f"diffusion var {cg.VARIANCE}"):
+    rows = {(row[0].split(" (")[0], row[2]): row for row in main.rows + three_d.rows}
+    problems = ("Poisson", f"diffusion var {cg.VARIANCE}")
+    for problem in problems + ("3-D Poisson", f"3-D diffusion var {cg.VARIANCE}"):
         ours = rows[(problem, "solvers.cg + none")]
         scipy_row = rows.get((problem, "SciPy CG"))
         for method in ("none", "Jacobi", "IC(0)", "Multigrid V(1,1)"):
@@ -48,3 +55,20 @@ def test_cg_benchmark_runs_and_agrees_with_scipy():
         if scipy_row is not None:  # same stopping rule, same iterations (+-2)
             assert abs(ours[3] - scipy_row[3]) <= 2
     assert len(gen.rows) == 1
+
+
+def test_lowrank_benchmark_runs():
+    pytest.importorskip("sklearn")
+    main, lora_table = lowrank.run(
+        seeds=range(1),
+        epochs=2,
+        taus_sgd=(0.2,),
+        taus_adam=((0.15, 0.35),),
+        plots=False,
+    )
+    rows = {row[0]: row for row in main.rows}
+    assert float(rows["dense + Adam"][1].split()[0]) > 30  # learns something
+    assert rows["dense + Adam"][3] == 85002
+    for name in ("DLRT SGD tau=0.2", "DLRT Adam cosine tau=(0.15, 0.35)"):
+        assert rows[name][3] < 85002 and rows[name][7] > 0  # params, exported step
+    assert len(lora_table.rows) == 3

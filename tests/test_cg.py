@@ -120,6 +120,24 @@ def test_bad_input():
         jax.block_until_ready(jax.jit(lambda a: solvers.cg(-a, b).x)(a))
 
 
+def test_same_stopping_rule_and_iterations_as_scipy():
+    spla = pytest.importorskip("scipy.sparse.linalg")
+    for op in (
+        solvers.problems.poisson_2d(16),
+        solvers.problems.diffusion_3d(jax.random.key(0), 8, variance=1.5),
+    ):
+        b = np.ones(op.diagonal().size)
+        its = [0]
+
+        def count(_):
+            its[0] += 1
+
+        x, _ = spla.cg(op.to_scipy(), b, rtol=1e-8, atol=0.0, callback=count)
+        sol = solvers.cg(op, jnp.asarray(b), rtol=1e-8)
+        assert abs(int(sol.n_steps) - its[0]) <= 2, (int(sol.n_steps), its[0])
+        np.testing.assert_allclose(sol.x, x, rtol=1e-6)
+
+
 def test_diffusion_problems():
     op = solvers.problems.diffusion_2d(jax.random.key(1), 10, variance=1.0)
     dense = np.asarray(op.to_dense())

@@ -13,11 +13,14 @@ from jaxdecomp.lowrank import (
     FactorizedLinear,
     LoRA,
     LowRankLinear,
+    TuckerConv2d,
     compress,
     compression_report,
     dlrt,
     lora,
     merge,
+    ranks,
+    spectra,
     trainable,
     trp,
     unmerge,
@@ -153,9 +156,11 @@ def test_lora_helper_tree_surgery(getkey):
 
 
 def test_lora_bad_input(getkey):
-    conv = eqx.nn.Conv2d(3, 4, 3, key=getkey())
-    with pytest.raises(TypeError, match="not supported|only eqx.nn.Linear"):
+    conv = eqx.nn.Conv2d(4, 4, 3, groups=2, key=getkey())  # grouped: unsupported
+    with pytest.raises(TypeError, match="ungrouped eqx.nn.Conv"):
         LoRA(conv, rank=2, key=getkey())
+    with pytest.raises(TypeError, match="supported"):
+        LoRA(eqx.nn.LayerNorm(4), rank=2, key=getkey())
     base = eqx.nn.Linear(4, 3, key=getkey())
     with pytest.raises(ValueError, match="rank"):
         LoRA(base, rank=4, key=getkey())
@@ -163,6 +168,8 @@ def test_lora_bad_input(getkey):
         LoRA(base, rank=2, alpha=0.0, key=getkey())
     with pytest.raises(TypeError, match="eqx.nn.Linear"):
         lora({"c": conv}, 2, where=lambda m: m["c"], key=getkey())
+    with pytest.raises(ValueError, match="rank"):
+        LoRA(eqx.nn.Conv2d(3, 4, 3, key=getkey()), rank=4, key=getkey())
 
 
 # --------------------------------------------------------------------------------------
@@ -196,7 +203,7 @@ def _fit(layer, opt, x, y, steps):
     for _ in range(steps):
         layer, state, loss = step(layer, state)
         if hasattr(layer, "rank"):
-            ranks.append(int(layer.rank))
+            ranks.append(tuple(np.atleast_1d(np.asarray(layer.rank)).tolist()))
     return layer, state, loss, ranks
 
 
@@ -210,7 +217,7 @@ def _train_teacher(key, opt, steps):
 
 def test_dlrt_recovers_rank_keeps_orthonormality_no_recompile(getkey):
     layer, _, loss, ranks = _train_teacher(getkey(), dlrt(0.5, tau=0.05), 1000)
-    assert ranks[0] <= 12 and ranks[-1] == 3  # the teacher's rank
+    assert ranks[0][0] <= 12 and ranks[-1] == (3,)  # the teacher's rank
     assert float(loss) < 1e-6
     eye = jnp.eye(12, dtype=jnp.float32)
     assert float(jnp.abs(layer.u.T @ layer.u - eye).max()) <= 1e-6
@@ -221,9 +228,10 @@ def test_dlrt_recovers_rank_keeps_orthonormality_no_recompile(getkey):
 def test_dlrt_momentum_is_carried_across_rank_changes(getkey):
     opt = dlrt(0.05, tau=0.05, momentum=0.9)
     _, state, loss, ranks = _train_teacher(getkey(), opt, 600)
-    assert ranks[-1] == 3 and len(set(ranks)) > 1  # the rank changed on the way
+    assert ranks[-1] == (3,) and len(set(ranks)) > 1  # the rank changed on the way
     assert float(loss) < 1e-6
-    assert state.momentum.k.shape == (30, 12)  # momentum lives in the (fixed) shapes
+    # the momentum is a tangent vector in the (fixed) shapes
+    assert state.moments.m.yo.shape == (30, 12)
     with pytest.raises(ValueError, match="momentum"):
         dlrt(0.1, momentum=1.0)
 
@@ -231,21 +239,29 @@ def test_dlrt_momentum_is_carried_across_rank_changes(getkey):
 def test_dlrt_with_multi_transform_and_bad_input(getkey):
     model = {
         "low": LowRankLinear(6, 5, max_rank=4, key=getkey()),
+        "low2": LowRankLinear(5, 5, max_rank=2, key=getkey()),
         "dense": eqx.nn.Linear(5, 2, key=getkey()),
     }
     labels = jax.tree_util.tree_map(
         lambda _: "adam", model, is_leaf=lambda x: isinstance(x, LowRankLinear)
     )
     labels["low"] = jax.tree_util.tree_map(lambda _: "dlrt", model["low"])
+    # a second dlrt (another tau) sees the first one's layer masked, and vice versa
+    labels["low2"] = jax.tree_util.tree_map(lambda _: "dlrt2", model["low2"])
     opt = optax.multi_transform(
-        {"dlrt": dlrt(0.1, 0.1), "adam": optax.adam(1e-2)}, labels
+        {
+            "dlrt": dlrt(0.01, 0.01),
+            "dlrt2": dlrt(0.01, 0.02, method="adam"),
+            "adam": optax.adam(1e-3),
+        },
+        labels,
     )
     params = eqx.filter(model, eqx.is_inexact_array)
     state = opt.init(params)
     x = jr.normal(getkey(), (6,))
 
     def loss(m):
-        return jnp.sum(m["dense"](m["low"](x)) ** 2)
+        return jnp.sum(m["dense"](m["low2"](m["low"](x))) ** 2)
 
     grads = eqx.filter_grad(loss)(model)
     with jax.numpy_dtype_promotion("standard"):  # optax.adam's step count is an int
@@ -317,7 +333,269 @@ def test_compress_rank_tol_budget(getkey):
         compress(mlp, rank=2, tol=0.1)
     with pytest.raises(ValueError, match="budget"):
         compress(mlp, budget=10)
-    with pytest.raises(TypeError, match="eqx.nn.Linear"):
+    with pytest.raises(TypeError, match="2-D"):
         compress(
-            {"c": eqx.nn.Conv2d(1, 1, 3, key=getkey())}, rank=1, where=lambda m: m["c"]
+            {"c": eqx.nn.Conv1d(1, 1, 3, key=getkey())}, rank=1, where=lambda m: m["c"]
         )
+    with pytest.raises(TypeError, match="eqx.nn.Linear"):
+        compress({"n": eqx.nn.LayerNorm(3)}, rank=1, where=lambda m: m["n"])
+
+
+# --------------------------------------------------------------------------------------
+# TuckerConv2d, convolution adapters and compression, diagnostics
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(padding=1),
+        dict(stride=2, padding=0),
+        dict(padding="SAME", dilation=2),
+        dict(padding=((1, 0), (2, 1)), stride=(1, 2)),
+    ],
+)
+def test_tucker_conv_matches_dense_conv(getkey, kw):
+    layer = TuckerConv2d(5, 7, (3, 2), max_rank=(4, 3), rank=(3, 2), key=getkey(), **kw)
+    xs = jr.normal(getkey(), (3, 5, 9, 8))
+    dense = layer.to_dense()
+    assert isinstance(dense, eqx.nn.Conv2d)
+    ref = jax.vmap(dense)(xs)
+    np.testing.assert_allclose(jax.vmap(layer)(xs), ref, atol=1e-12)
+    np.testing.assert_allclose(jax.vmap(layer.shrink())(xs), ref, atol=1e-12)
+    assert layer.shrink().max_rank == (3, 2)
+    w = np.asarray(layer.weight)
+    assert np.linalg.matrix_rank(w.reshape(7, -1), tol=1e-10) == 3
+    assert np.linalg.matrix_rank(np.moveaxis(w, 1, 0).reshape(5, -1), tol=1e-10) == 2
+    np.testing.assert_allclose(layer.u_out.T @ layer.u_out, np.eye(4), atol=1e-12)
+
+
+def test_tucker_conv_float32_vmap_jit_no_recompile_and_gradients(getkey):
+    layer = TuckerConv2d(
+        4, 3, 3, max_rank=3, padding=1, dtype=jnp.float32, key=getkey()
+    )
+    xs = jr.normal(getkey(), (2, 4, 5, 5), jnp.float32)
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def apply(layer, xs):
+        return jax.vmap(layer)(xs)
+
+    outs = [apply(layer.with_rank(r), xs) for r in ((3, 3), (2, 1), (1, 2))]
+    assert outs[0].dtype == jnp.float32 and outs[0].shape == (2, 3, 5, 5)
+    np.testing.assert_allclose(outs[0][1], layer(xs[1]), atol=1e-5)
+    assert [tuple(int(v) for v in r) for r in ranks([layer.with_rank((2, 1))])] == [
+        (2, 1)
+    ]
+    # derivatives in the factors, both modes, second order (float64)
+    layer = TuckerConv2d(3, 2, 2, max_rank=(2, 2), padding=1, key=getkey())
+    x = jr.normal(getkey(), (3, 3, 3))
+    check_grads(
+        lambda uo, c, ui: jnp.sum(
+            eqx.tree_at(lambda m: (m.u_out, m.core, m.u_in), layer, (uo, c, ui))(x) ** 2
+        ),
+        (layer.u_out, layer.core, layer.u_in),
+        order=2,
+        modes=("fwd", "rev"),
+    )
+    grads = eqx.filter_grad(lambda m: jnp.sum(m(x)))(layer)
+    assert float(jnp.abs(grads.mask_out).max()) == 0.0
+
+
+def test_tucker_conv_bad_input(getkey):
+    with pytest.raises(ValueError, match="Tucker-2 ranks"):
+        TuckerConv2d(4, 8, 1, max_rank=(4, 2), key=getkey())  # r_out > r_in * taps
+    with pytest.raises(ValueError, match="Tucker-2 ranks"):
+        TuckerConv2d(4, 8, 3, max_rank=(2, 5), key=getkey())  # r_in > in channels
+    with pytest.raises(ValueError, match="exceeds"):
+        TuckerConv2d(4, 8, 3, max_rank=2, rank=3, key=getkey())
+    with pytest.raises(ValueError, match="padding"):
+        TuckerConv2d(4, 8, 3, max_rank=2, padding="FULL", key=getkey())
+    layer = TuckerConv2d(4, 8, 3, max_rank=2, key=getkey())
+    with pytest.raises(ValueError, match="input of shape"):
+        layer(jnp.ones((3, 5, 5)))
+
+
+def _tangent_project_dense(w, g, uo, core, ui):
+    """Reference (NumPy, float64): the orthogonal projection of a dense gradient g
+    (out, in, k) onto the tangent space of the Tucker-2 manifold at W = C x U^o x U^i
+    (a matrix is k = 1)."""
+    a, b, k = core.shape
+    po, pi = uo @ uo.T, ui @ ui.T
+    d = np.einsum("ois,oa,ib->abs", g, uo, ui)
+    out = np.einsum("oa,ib,abs->ois", uo, ui, d)
+    mo = core.reshape(a, -1)
+    gi = np.einsum("ois,ib->obs", g, ui).reshape(g.shape[0], -1)
+    part = (np.eye(len(po)) - po) @ gi @ np.linalg.pinv(mo) @ mo
+    out += np.einsum("obs,ib->ois", part.reshape(-1, b, k), ui)
+    mi = np.swapaxes(core, 0, 1).reshape(b, -1)
+    go = np.einsum("ois,oa->ias", g, uo).reshape(g.shape[1], -1)
+    part = (np.eye(len(pi)) - pi) @ go @ np.linalg.pinv(mi) @ mi
+    out += np.einsum("ias,oa->ois", part.reshape(-1, a, k), uo)
+    return out
+
+
+def _truncate_dense(w, tau, a_max, b_max):
+    """Reference HOSVD truncation with DLRT's per-mode relative-tail rule."""
+    o, i, k = w.shape
+
+    def rank(s, r_max):
+        tail = np.sqrt(np.cumsum(s[::-1] ** 2)[::-1])
+        ok = np.append(tail[1:], 0.0) <= tau * tail[0]
+        return int(np.clip(np.argmax(ok) + 1, 1, r_max))
+
+    uo, so, _ = np.linalg.svd(w.reshape(o, -1), full_matrices=False)
+    ui, si, _ = np.linalg.svd(np.swapaxes(w, 0, 1).reshape(i, -1), full_matrices=False)
+    ro, ri = rank(so, a_max), rank(si, b_max)
+    if k > 1:
+        ro, ri = min(ro, ri * k), min(ri, min(ro, ri * k) * k)
+    uo, ui = uo[:, :ro], ui[:, :ri]
+    return np.einsum("pa,oa,qb,ib,pqs->ois", uo, uo, ui, ui, w), (ro, ri)
+
+
+@pytest.mark.parametrize("kind", ["linear", "tucker"])
+def test_dlrt_step_is_truncated_projected_gradient_step(getkey, kind):
+    """One DLRT (SGD) step equals the dense reference: truncate(W - lr P_T(G))."""
+    if kind == "linear":
+        layer = LowRankLinear(9, 7, max_rank=4, rank=3, key=getkey())
+    else:
+        layer = TuckerConv2d(5, 6, 2, max_rank=(4, 3), rank=(3, 2), key=getkey())
+    target = jr.normal(getkey(), layer.weight.shape)
+
+    def loss(m):
+        return jnp.sum(jnp.sin(m.weight) * target)
+
+    uo, c, ui, mo, mi = layer._tucker()
+    ao, ai = int(mo.sum()), int(mi.sum())
+    uo, ui, c = np.asarray(uo[:, :ao]), np.asarray(ui[:, :ai]), np.asarray(c)
+    c = c[:ao, :ai]
+    shape3 = (uo.shape[0], ui.shape[0], c.shape[2])
+    w = np.asarray(layer.weight).reshape(shape3)
+    g = np.asarray(jax.grad(lambda w: jnp.sum(jnp.sin(w) * target))(layer.weight))
+    lr, tau = 0.05, 0.2
+    w1 = w - lr * _tangent_project_dense(w, g.reshape(shape3), uo, c, ui)
+    ref, ref_ranks = _truncate_dense(w1, tau, *layer._tucker()[1].shape[:2])
+    opt = dlrt(lr, tau=tau)
+    updates, _ = opt.update(eqx.filter_grad(loss)(layer), opt.init(layer), layer)
+    new = eqx.apply_updates(layer, updates)
+    np.testing.assert_allclose(np.asarray(new.weight).reshape(shape3), ref, atol=1e-12)
+    got = np.atleast_1d(np.asarray(new.rank))
+    assert tuple(got) == (ref_ranks[:1] if kind == "linear" else ref_ranks)
+
+
+def test_dlrt_adam_recovers_rank_and_transports_moments(getkey):
+    opt = dlrt(0.01, tau=0.05, method="adam")
+    layer, state, loss, rank_history = _train_teacher(getkey(), opt, 600)
+    assert rank_history[-1] == (3,) and len(set(rank_history)) > 1
+    assert float(loss) < 1e-6
+    eye = jnp.eye(12, dtype=jnp.float32)
+    assert float(jnp.abs(layer.u.T @ layer.u - eye).max()) <= 1e-6
+    # the carried first moment is a tangent vector at the new point
+    from jaxdecomp.lowrank._dlrt import _dense, _point, _project
+
+    p = _point(layer)
+    m = state.moments.m
+    again = _project(p, _dense(p, m))
+    scale = float(jnp.abs(m.yo).max())
+    assert scale > 0
+    np.testing.assert_allclose(again.yo, m.yo, atol=1e-5 * scale)
+    np.testing.assert_allclose(again.d, m.d, atol=1e-5 * scale)
+    assert state.moments.v.shape == ()
+    with pytest.raises(ValueError, match="method"):
+        dlrt(0.1, method="lion")
+    with pytest.raises(ValueError, match="b2"):
+        dlrt(0.1, method="adam", b2=1.0)
+    # a schedule as learning rate: step-for-step the same as the constant, and a zero
+    # rate (from step 5 on) leaves the layer where it is
+    key = getkey()
+    const, *_ = _train_teacher(key, dlrt(0.5, tau=0.05), 10)
+    sched, *_ = _train_teacher(key, dlrt(lambda c: 0.5 + 0.0 * c, tau=0.05), 10)
+    np.testing.assert_allclose(sched.weight, const.weight, atol=1e-6)
+    stop = dlrt(lambda c: jnp.where(c < 5, 0.5, 0.0), tau=0.05)
+    five, *_ = _train_teacher(key, stop, 5)
+    ten, *_ = _train_teacher(key, stop, 10)
+    np.testing.assert_allclose(ten.weight, five.weight, atol=1e-6)
+    assert not np.allclose(five.weight, const.weight, atol=1e-3)
+
+
+def test_dlrt_trains_tucker_conv_to_teacher_ranks(getkey):
+    k = jr.split(getkey(), 5)
+    uo = jnp.linalg.qr(jr.normal(k[0], (6, 2), jnp.float32))[0]
+    ui = jnp.linalg.qr(jr.normal(k[1], (8, 3), jnp.float32))[0]
+    core = jr.normal(k[2], (2, 3, 3, 3), jnp.float32)
+    w = jnp.einsum("oa,ib,abhw->oihw", uo, ui, core)  # Tucker ranks (2, 3)
+    x = jr.normal(k[3], (32, 8, 6, 6), jnp.float32)
+    y = jax.vmap(
+        lambda v: jax.lax.conv_general_dilated(v[None], w, (1, 1), ((1, 1), (1, 1)))[0]
+    )(x)
+    layer = TuckerConv2d(
+        8, 6, 3, max_rank=(5, 5), padding=1, use_bias=False, dtype=jnp.float32, key=k[4]
+    )
+    layer, _, loss, _ = _fit(layer, dlrt(0.05, tau=0.05, momentum=0.9), x, y, 300)
+    assert tuple(int(v) for v in layer.rank) == (2, 3)
+    assert float(loss) < 1e-6
+    eye = jnp.eye(5, dtype=jnp.float32)
+    assert float(jnp.abs(layer.u_out.T @ layer.u_out - eye).max()) <= 1e-6
+    assert float(jnp.abs(layer.u_in.T @ layer.u_in - eye).max()) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_lora_conv_tucker_adapter(getkey, dtype):
+    conv = eqx.nn.Conv2d(6, 8, 3, padding=1, dtype=dtype, key=getkey())
+    layer = LoRA(conv, rank=2, alpha=4.0, key=getkey())
+    assert layer.trainable_params == 2 * (6 + 8) + 2 * 2 * 9
+    xs = jr.normal(getkey(), (3, 6, 5, 5), dtype)
+    np.testing.assert_allclose(jax.vmap(layer)(xs), jax.vmap(conv)(xs), atol=1e-12)
+    grads = eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m)(xs) ** 2))(layer)
+    assert float(jnp.abs(grads.base.weight).max()) == 0.0
+    assert float(jnp.abs(grads.b).max()) > 0
+    layer = eqx.tree_at(lambda m: m.b, layer, jr.normal(getkey(), (8, 2), dtype))
+    merged = eqx.filter_jit(lambda m: m.merge())(layer)
+    np.testing.assert_allclose(jax.vmap(merged)(xs), jax.vmap(layer)(xs), atol=1e-5)
+    back = eqx.filter_jit(lambda m: m.unmerge())(merged)
+    np.testing.assert_allclose(back.base.weight, conv.weight, atol=1e-6)
+    assert merged.to_linear().weight.dtype == dtype
+    if dtype == jnp.float64:
+        x = xs[0]
+        check_grads(
+            lambda a, c, b: jnp.sum(
+                jnp.sin(eqx.tree_at(lambda m: (m.a, m.core, m.b), layer, (a, c, b))(x))
+            ),
+            (layer.a, layer.core, 0.1 * layer.b),
+            order=2,
+            modes=("fwd", "rev"),
+        )
+    # lora() wraps convolutions and linear layers of a model; trainable() marks cores
+    model = [conv, eqx.nn.Linear(4, 2, dtype=dtype, key=getkey())]
+    adapted = lora(model, rank=2, key=getkey())
+    assert all(isinstance(m, LoRA) for m in adapted)
+    params, _ = eqx.partition(adapted, trainable(adapted))
+    assert len(jax.tree_util.tree_leaves(params)) == 5  # (a, core, b) + (a, b)
+    report = compression_report(adapted)
+    assert report["total_params"] == sum(
+        m.base.weight.size + m.base.bias.size + m.trainable_params for m in adapted
+    )
+
+
+def test_compress_conv_and_spectra(getkey):
+    conv = eqx.nn.Conv2d(6, 8, 3, padding=1, key=getkey())
+    model = {"conv": conv, "lin": eqx.nn.Linear(8, 4, key=getkey())}
+    x = jr.normal(getkey(), (6, 5, 5))
+    full = compress(model, rank=8)
+    assert isinstance(full["conv"], TuckerConv2d)
+    np.testing.assert_allclose(full["conv"](x), conv(x), atol=1e-10)  # exact
+    so, si = spectra(model)[0]
+    small = compress(model, tol=0.4)
+    a, b = (int(v) for v in small["conv"].rank)
+    assert np.linalg.norm(so[a:]) <= 0.4 * np.linalg.norm(so)
+    assert np.linalg.norm(si[b:]) <= 0.4 * np.linalg.norm(si)
+    err = np.linalg.norm(small["conv"].weight - conv.weight)
+    assert err <= np.sqrt(2) * 0.4 * np.linalg.norm(conv.weight)
+    report = compression_report(small)
+    assert report["layers"][0]["params"] == a * 8 + b * 6 + a * b * 9 + 8
+    budgeted = compress(model, budget=400)
+    assert compression_report(budgeted)["total_params"] <= 400 + 8 + 4  # + biases
+    s_full = spectra(full)  # an exact Tucker form has the kernel's mode spectra
+    np.testing.assert_allclose(s_full[0][0], so, rtol=1e-8)
+    np.testing.assert_allclose(s_full[0][1], si, rtol=1e-8)
+    np.testing.assert_allclose(s_full[1], spectra(model)[1], rtol=1e-8)

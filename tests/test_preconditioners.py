@@ -222,6 +222,54 @@ def test_multigrid_is_spd_and_grid_independent():
         solvers.Multigrid(solvers.problems.poisson_2d(65))
 
 
+def test_diffusion_3d_problems_and_multigrid_3d():
+    op = solvers.problems.poisson_3d(4)
+    a = np.asarray(op.to_dense())
+    np.testing.assert_allclose(a, a.T, atol=0)
+    np.testing.assert_allclose(np.diag(a), 6.0)  # 6 unit faces per cell (Dirichlet)
+    np.testing.assert_allclose(np.asarray(op.to_scipy().todense()), a, atol=0)
+    np.testing.assert_allclose(np.asarray(op.to_sparse().as_matrix()), a, atol=0)
+    # a 7-point stencil: the 3 axis neighbours at strides 1, 4, 16
+    assert sorted(np.nonzero(a[21])[0] - 21) == [-16, -4, -1, 0, 1, 4, 16]
+    # seeded log-normal coefficients: harmonic face means, deterministic, float32
+    keys = jax.random.split(jax.random.key(0), 2)
+    ops = jax.vmap(lambda k: solvers.problems.diffusion_3d(k, 8, variance=2.0))(keys)
+    one = solvers.problems.diffusion_3d(keys[1], 8, variance=2.0)
+    np.testing.assert_allclose(ops.kz[1], one.kz, rtol=1e-12)
+    op32 = solvers.problems.diffusion_3d(keys[0], 8, dtype=jnp.float32)
+    assert op32.mv(jnp.ones(512, jnp.float32)).dtype == jnp.float32
+    assert float(jnp.min(one.kx)) > 0 and float(jnp.max(one.ky / one.ky.min())) > 10
+    # Multigrid: symmetric positive definite and grid-independent in 3-D too,
+    # also for shifted (heat-step) systems
+    mg = np.asarray(jax.jit(lambda op: solvers.Multigrid(op).as_matrix())(one))
+    np.testing.assert_allclose(mg, mg.T, atol=1e-12)
+    assert np.linalg.eigvalsh(mg).min() > 0
+    solve = jax.jit(
+        lambda op: solvers.cg(
+            op, jnp.ones(op.n**3), preconditioner=solvers.Multigrid(op), rtol=1e-8
+        )
+    )
+    steps = []
+    for n in (16, 32):
+        op = solvers.problems.diffusion_3d(jax.random.key(2), n, variance=1.0)
+        sol = solve(op)
+        np.testing.assert_allclose(op.mv(sol.x), jnp.ones(n**3), atol=1e-6)
+        steps.append(int(sol.n_steps))
+    assert max(steps) <= 20 and steps[1] <= steps[0] + 4, steps
+    op16 = solvers.problems.diffusion_3d(jax.random.key(2), 16, variance=1.0)
+    heat = solvers.problems.heat_steps(op16, jnp.array([1e-4, 1e-2]))
+    heat_steps = [
+        int(solve(jax.tree_util.tree_map(lambda x: x[i], heat)).n_steps) for i in (0, 1)
+    ]
+    assert heat_steps[0] <= heat_steps[1] <= 20, heat_steps
+    with pytest.raises(ValueError, match="kz"):
+        solvers.problems.Diffusion3D(one.kx, one.ky, one.kz[:, :, :-1])
+    with pytest.raises(ValueError, match="n must be"):
+        solvers.problems.diffusion_3d(keys[0], 1)
+    with pytest.raises(ValueError, match="coarsens only"):
+        solvers.Multigrid(solvers.problems.poisson_3d(17))
+
+
 def test_preconditioners_reduce_iterations_in_order_and_work_with_lineax():
     op = solvers.problems.diffusion_2d(jax.random.key(3), 32, variance=2.0)
     a = op.to_sparse()
@@ -578,7 +626,7 @@ def test_neural_fsai_and_a_norm_loss():
     assert np.mean(losses[-10:]) < 0.8 * loss0, (loss0, losses[-10:])
 
 
-def test_neural_inverse():
+def _neural_inverse_setup():
     keys = jax.random.split(jax.random.key(7), 4)
     ops = jax.vmap(lambda k: solvers.problems.diffusion_2d(k, 8, variance=1.0))(keys)
     bs = jax.random.normal(jax.random.key(8), (4, 64))
@@ -587,15 +635,37 @@ def test_neural_inverse():
     model = solvers.NeuralInverse(
         jax.random.key(0), width=4, levels=2, dtype=jnp.float64
     )
-    r = jnp.linspace(-1.0, 2.0, 64)
-    # untrained = Jacobi; positively homogeneous once trained
-    np.testing.assert_allclose(model(op0).mv(r), r / op0.diagonal(), rtol=1e-12)
     noisy = jax.tree_util.tree_map(
         lambda p: p + 0.1 if eqx.is_inexact_array(p) else p, model
     )
+    return ops, xs, bs, op0, model, noisy
+
+
+def test_neural_inverse():
+    ops, xs, bs, op0, model, noisy = _neural_inverse_setup()
+    r = jnp.linspace(-1.0, 2.0, 64)
+    # untrained = Jacobi; positively homogeneous once trained
+    np.testing.assert_allclose(model(op0).mv(r), r / op0.diagonal(), rtol=1e-12)
     m = noisy(op0)
     np.testing.assert_allclose(m.mv(3.0 * r), 3.0 * m.mv(r), rtol=1e-12)
     assert not np.allclose(m.mv(r), r / op0.diagonal())
+    # float32 keeps its dtype
+    op32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), op0)
+    m32 = jax.tree_util.tree_map(
+        lambda p: p.astype(jnp.float32) if eqx.is_inexact_array(p) else p, noisy
+    )
+    assert m32(op32).mv(r.astype(jnp.float32)).dtype == jnp.float32
+    with pytest.raises(TypeError, match="Diffusion2D"):
+        model(op0.to_sparse())
+    with pytest.raises(ValueError, match="divisible"):
+        solvers.NeuralInverse(jax.random.key(0), levels=3)(
+            solvers.problems.poisson_2d(6)
+        )
+
+
+@pytest.mark.slow  # 25 s: trains the U-Net; NeuralInverse is not a recommended default
+def test_neural_inverse_derivatives_and_training():
+    ops, xs, bs, op0, model, noisy = _neural_inverse_setup()
     # derivatives of the Kaneda loss with respect to the weights, both modes
     problem = jax.tree_util.tree_map(lambda x: x[0], (ops, xs, bs))
     params, static = eqx.partition(noisy, eqx.is_inexact_array)
@@ -617,15 +687,3 @@ def test_neural_inverse():
     assert np.mean(losses[-5:]) < loss0, (loss0, losses[-5:])
     sol = solvers.cg(op0, jnp.ones(64), preconditioner=trained(op0), flexible=True)
     assert bool(sol.converged)
-    # float32 keeps its dtype
-    op32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), op0)
-    m32 = jax.tree_util.tree_map(
-        lambda p: p.astype(jnp.float32) if eqx.is_inexact_array(p) else p, noisy
-    )
-    assert m32(op32).mv(r.astype(jnp.float32)).dtype == jnp.float32
-    with pytest.raises(TypeError, match="Diffusion2D"):
-        model(op0.to_sparse())
-    with pytest.raises(ValueError, match="divisible"):
-        solvers.NeuralInverse(jax.random.key(0), levels=3)(
-            solvers.problems.poisson_2d(6)
-        )

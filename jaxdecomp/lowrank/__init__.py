@@ -1,7 +1,8 @@
 """Low-rank layers and adapters: `jaxdecomp.lowrank`."""
 
 from ._compress import compress as compress, compression_report as compression_report
-from ._dlrt import dlrt as dlrt
+from ._diagnostics import ranks as ranks, spectra as spectra
+from ._dlrt import DLRTState as DLRTState, dlrt as dlrt
 from ._layers import (
     FactorizedLinear as FactorizedLinear,
     LowRankLinear as LowRankLinear,
@@ -14,3 +15,4 @@ from ._lora import (
     unmerge as unmerge,
 )
 from ._trp import TRPState as TRPState, trp as trp
+from ._tucker import TuckerConv2d as TuckerConv2d

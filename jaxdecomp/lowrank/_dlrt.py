@@ -1,19 +1,39 @@
-r"""Rank-adaptive training of `LowRankLinear` layers (DLRT), an optax transform."""
+r"""Rank-adaptive training of low-rank layers (DLRT), an optax transformation.
+
+One engine serves `LowRankLinear` and `TuckerConv2d`: both expose a Tucker-2 view
+$W_{o,i,s} = \sum_{ab} U^o_{oa} U^i_{ib} C_{abs}$ (a matrix is the case of one
+"spatial" tap with a square core)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
 import optax
 
-from .._misc import mm, truncation_rank
+from .._misc import HIGHEST, mm, truncation_rank
 from ._layers import LowRankLinear
+from ._tucker import TuckerConv2d
+
+HI = HIGHEST
 
 
 def _is_lowrank(x) -> bool:
-    return isinstance(x, LowRankLinear)
+    return isinstance(x, (LowRankLinear, TuckerConv2d))
+
+
+def _trainable_lowrank(x) -> bool:
+    # (optax.multi_transform hands a transformation masked params: a low-rank layer
+    # labelled for another optimizer arrives with non-array fields.)
+    if isinstance(x, LowRankLinear):
+        return all(eqx.is_array(v) for v in (x.u, x.s, x.v))
+    if isinstance(x, TuckerConv2d):
+        return all(eqx.is_array(v) for v in (x.u_out, x.core, x.u_in))
+    return False
 
 
 def _orth(x):
@@ -23,128 +43,255 @@ def _orth(x):
 def _polish(x):
     """One Newton-Schulz step towards the nearest orthonormal matrix: squares the
     orthonormality error left by QR and SVD rounding (keeps it at a few ulps)."""
-    gram = mm(x.T, x)
-    return 1.5 * x - 0.5 * mm(x, gram)
+    return 1.5 * x - 0.5 * mm(x, mm(x.T, x))
 
 
-class _Momentum(eqx.Module):
-    """Heavy-ball momentum of the tangent-projected gradient, in the current bases:
-    k = M V, l = M^T U, s = U^T M V (the projection P(M) = k V^T + U l^T - U s V^T)."""
-
-    k: jax.Array
-    l: jax.Array  # noqa: E741
-    s: jax.Array
-    bias: jax.Array | None
+def _mat_o(c):
+    return c.reshape(c.shape[0], -1)
 
 
-def _zero_momentum(layer: LowRankLinear) -> _Momentum:
-    bias = None if layer.bias is None else jnp.zeros_like(layer.bias)
-    return _Momentum(
-        jnp.zeros_like(layer.u), jnp.zeros_like(layer.v), jnp.zeros_like(layer.s), bias
+def _mat_i(c):
+    return jnp.swapaxes(c, 0, 1).reshape(c.shape[1], -1)
+
+
+def _frame(m, mask):
+    """m^T = Q R for the mode unfolding m (rows masked, inactive rows trailing):
+    (Q^T with inactive rows zeroed, R with 1 on the inactive diagonal)."""
+    q, r = jnp.linalg.qr(m.T, mode="reduced")
+    return q.T * mask[:, None], r + jnp.diag(1 - mask)
+
+
+class _Point(eqx.Module):
+    """A point of the Tucker-2 manifold (active parts) with its unfolding frames."""
+
+    uo: jax.Array
+    c: jax.Array
+    ui: jax.Array
+    mo: jax.Array
+    mi: jax.Array
+    qo: jax.Array  # (a, b, k): orthonormal rows spanning mat_o(C)'s row space
+    ro: jax.Array
+    qi: jax.Array  # (b, a, k)
+    ri: jax.Array
+
+
+def _point(layer) -> _Point:
+    uo, c, ui, mo, mi = layer._tucker()
+    mo, mi = jax.lax.stop_gradient(mo), jax.lax.stop_gradient(mi)
+    uo, ui = uo * mo, ui * mi
+    c = c * (mo[:, None, None] * mi[None, :, None])
+    a, b, k = c.shape
+    qo, ro = _frame(_mat_o(c), mo)
+    qi, ri = _frame(_mat_i(c), mi)
+    return _Point(uo, c, ui, mo, mi, qo.reshape(a, b, k), ro, qi.reshape(b, a, k), ri)
+
+
+class _Tangent(eqx.Module):
+    r"""A tangent vector at a `_Point`: $D \times_o U^o \times_i U^i$ plus the mode
+    parts $\sum_{ab} Y^o_{oa} Q^o_{abs} U^i_{ib}$ and $\sum_{ab} U^o_{oa} Y^i_{ib}
+    Q^i_{bas}$, with $Y^o \perp U^o$, $Y^i \perp U^i$ (three mutually orthogonal
+    parts: the Frobenius norm is the norm of (D, Y^o, Y^i))."""
+
+    d: jax.Array
+    yo: jax.Array
+    yi: jax.Array
+
+
+def _tangent_combine(alpha, x: _Tangent, beta, y: _Tangent) -> _Tangent:
+    return jtu.tree_map(lambda p, q: alpha * p + beta * q, x, y)
+
+
+def _perp(u, y, mask):
+    return (y - mm(u, mm(u.T, y))) * mask
+
+
+def _riemannian_grad(p: _Point, grad) -> _Tangent:
+    """The projection of the loss gradient G onto the tangent space, from the factor
+    gradients: D = dL/dC, Y^o = (I - U^o U^o^T) (dL/dU^o) R_o^{-1} (dL/dU^o =
+    mat_o(G x_i U^i^T) Q_o R_o); likewise Y^i."""
+    guo, gc, gui, _, _ = grad._tucker()
+    d = gc * (p.mo[:, None, None] * p.mi[None, :, None])
+    yo = jsl.solve_triangular(p.ro, (guo * p.mo).T, trans="T", lower=False).T
+    yi = jsl.solve_triangular(p.ri, (gui * p.mi).T, trans="T", lower=False).T
+    return _Tangent(d, _perp(p.uo, yo, p.mo), _perp(p.ui, yi, p.mi))
+
+
+def _dense(p: _Point, t: _Tangent) -> jax.Array:
+    """The tangent vector as a dense (out, in, k) array."""
+    return (
+        jnp.einsum("oa,ib,abs->ois", p.uo, p.ui, t.d, precision=HI)
+        + jnp.einsum("oa,abs,ib->ois", t.yo, p.qo, p.ui, precision=HI)
+        + jnp.einsum("oa,ib,bas->ois", p.uo, t.yi, p.qi, precision=HI)
     )
 
 
-def _step(layer: LowRankLinear, grad: LowRankLinear, mom: _Momentum, lr, tau, beta):
-    """One parallel basis-update & Galerkin step: (new layer, new momentum)."""
-    m = jax.lax.stop_gradient(layer.mask)
-    mm2 = m[:, None] * m[None, :]
-    r_max = layer.max_rank
-    u, v = layer.u * m, layer.v * m
-    s = layer.s * mm2
-    # Gradients of W from the factor gradients: dL/dU = G V S^T, dL/dV = G^T U S,
-    # dL/dS = U^T G V. S is invertible on the active block (truncation keeps its
-    # singular values above tau ||S||); the inactive block is padded with I.
-    s_full = s + jnp.diag(1.0 - m)
-    gv = jnp.linalg.solve(s_full, (grad.u * m).T).T * m  # G V       (out x r_max)
-    gtu = jnp.linalg.solve(s_full.T, (grad.v * m).T).T * m  # G^T U  (in x r_max)
-    gs = grad.s * mm2  # U^T G V
-    # Heavy ball on the tangent space (the momentum is already in these bases).
-    mk, ml, ms = beta * mom.k + gv, beta * mom.l + gtu, beta * mom.s + gs
-    k1 = mm(u, s) - lr * mk  # K-step
-    l1 = mm(v, s.T) - lr * ml  # L-step
-    s1 = s - lr * ms  # S-step (parallel: at the old bases)
-    # Augmented orthonormal bases [U, K1], [V, L1].
-    uh = _orth(jnp.concatenate([u, k1], axis=1))
-    vh = _orth(jnp.concatenate([v, l1], axis=1))
-    uh_u, vt_vh = mm(uh.T, u), mm(v.T, vh)
-    core = (
-        mm(mm(uh_u, s1), vt_vh)
-        + mm(mm(uh.T, k1) - mm(uh_u, mm(u.T, k1)), vt_vh)
-        + mm(uh_u, mm(l1.T, vh) - mm(mm(l1.T, v), vt_vh))
+def _project(p: _Point, w: jax.Array) -> _Tangent:
+    """Orthogonal projection of a dense (out, in, k) array onto the tangent space."""
+    d = jnp.einsum("ois,oa,ib->abs", w, p.uo, p.ui, precision=HI)
+    yo = jnp.einsum("ois,ib,abs->oa", w, p.ui, p.qo, precision=HI)
+    yi = jnp.einsum("ois,oa,bas->ib", w, p.uo, p.qi, precision=HI)
+    return _Tangent(d, _perp(p.uo, yo, p.mo), _perp(p.ui, yi, p.mi))
+
+
+class _Moments(eqx.Module):
+    """Per low-rank layer: the first moment (a tangent vector at the current point,
+    transported to each new point by projection) and the scalar second moment (mean
+    square per degree of freedom; invariant under basis changes)."""
+
+    m: _Tangent
+    v: jax.Array
+
+
+def _zero_moments(layer) -> _Moments:
+    uo, c, ui, _, _ = layer._tucker()
+    zero = _Tangent(jnp.zeros_like(c), jnp.zeros_like(uo), jnp.zeros_like(ui))
+    return _Moments(zero, jnp.zeros((), c.dtype))
+
+
+def _truncate(ch, a_max, b_max, tau):
+    """HOSVD truncation of the augmented core: (P_o, P_i, rank_o, rank_i)."""
+    k = ch.shape[2]
+    if k == 1:  # a matrix: one SVD, one rank for both modes
+        p, sigma, qt = jnp.linalg.svd(ch[:, :, 0], full_matrices=False)
+        r = truncation_rank(sigma, tau, a_max)
+        return p[:, :a_max], qt[:b_max].T, r, r
+    po, so, _ = jnp.linalg.svd(_mat_o(ch), full_matrices=False)
+    pi, si, _ = jnp.linalg.svd(_mat_i(ch), full_matrices=False)
+    ro = truncation_rank(so, tau, a_max)
+    ri = truncation_rank(si, tau, b_max)
+    ro = jnp.minimum(ro, ri * k)  # valid Tucker-2 ranks
+    ri = jnp.minimum(ri, ro * k)
+    return po[:, :a_max], pi[:, :b_max], ro, ri
+
+
+def _step(layer, grad, mom: _Moments, lr, tau, method, b1, b2, eps, count):
+    """One parallel rank-adaptive basis-update & Galerkin step: (layer, moments)."""
+    p = _point(layer)
+    a, b, k = p.c.shape
+    xi = _riemannian_grad(p, grad)
+    if method == "adam":
+        m = _tangent_combine(b1, mom.m, 1 - b1, xi)
+        ro, ri = jnp.sum(p.mo), jnp.sum(p.mi)
+        n_out, n_in = p.uo.shape[0], p.ui.shape[0]
+        dof = ro * ri * k + (n_out - ro) * ro + (n_in - ri) * ri
+        sq = sum(jnp.sum(jnp.square(x)) for x in jtu.tree_leaves(xi))
+        v = b2 * mom.v + (1 - b2) * sq / dof
+        t = count.astype(v.dtype)
+        scale = (1 / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
+        eta = _tangent_combine(scale, m, 0.0, m)
+    else:
+        m = _tangent_combine(b1, mom.m, 1.0, xi)
+        v, eta = mom.v, m
+    # Augmented orthonormal bases [U, Y] (old and new directions) for both modes, and
+    # the Galerkin core of W - lr * eta in them.
+    uh = _orth(jnp.concatenate([p.uo, eta.yo], axis=1))
+    vh = _orth(jnp.concatenate([p.ui, eta.yi], axis=1))
+    po, pyo = mm(uh.T, p.uo), mm(uh.T, eta.yo)
+    pi, pyi = mm(vh.T, p.ui), mm(vh.T, eta.yi)
+    ch = jnp.einsum("pa,qb,abs->pqs", po, pi, p.c - lr * eta.d, precision=HI) - lr * (
+        jnp.einsum("pa,abs,qb->pqs", pyo, p.qo, pi, precision=HI)
+        + jnp.einsum("pa,qb,bas->pqs", po, pyi, p.qi, precision=HI)
     )
-    p, sigma, qt = jnp.linalg.svd(core, full_matrices=False)
-    rank = truncation_rank(sigma, tau, r_max)
-    new_mask = (jnp.arange(r_max) < rank).astype(layer.mask.dtype)
-    new_u = _polish(mm(uh, p[:, :r_max]))
-    new_v = _polish(mm(vh, qt[:r_max].T))
-    new_s = jnp.diag(sigma[:r_max]) * (new_mask[:, None] * new_mask[None, :])
-    new = eqx.tree_at(
-        lambda x: (x.u, x.s, x.v, x.mask), layer, (new_u, new_s, new_v, new_mask)
+    p_o, p_i, r_o, r_i = _truncate(ch, a, b, tau)
+    dtype = p.mo.dtype
+    new_mo = (jnp.arange(a) < r_o).astype(dtype)
+    new_mi = (jnp.arange(b) < r_i).astype(dtype)
+    new_c = jnp.einsum("pa,qb,pqs->abs", p_o, p_i, ch, precision=HI)
+    new_c = new_c * (new_mo[:, None, None] * new_mi[None, :, None])
+    new = layer._with_tucker(
+        _polish(mm(uh, p_o)), new_c, _polish(mm(vh, p_i)), new_mo, new_mi
     )
-    mb = None
-    if layer.bias is not None:
-        mb = beta * mom.bias + grad.bias
-        new = eqx.tree_at(lambda x: x.bias, new, layer.bias - lr * mb)
-    # Transport the momentum to the new bases by projection: with
-    # M = mk V^T + U ml^T - U ms V^T, store M V', M^T U', U'^T M V'.
-    nu, nv = new_u * new_mask, new_v * new_mask
-    vt_nv, ut_nu = mm(v.T, nv), mm(u.T, nu)
-    k_new = mm(mk, vt_nv) + mm(u, mm(ml.T, nv)) - mm(u, mm(ms, vt_nv))
-    l_new = mm(ml, ut_nu) + mm(v, mm(mk.T, nu)) - mm(v, mm(ms.T, ut_nu))
-    s_new = (
-        mm(mm(nu.T, mk), vt_nv) + mm(ut_nu.T, mm(ml.T, nv)) - mm(ut_nu.T, mm(ms, vt_nv))
-    )
-    return new, _Momentum(k_new, l_new, s_new, mb)
+    # Transport the first moment to the new point by projection.
+    m_new = _project(_point(new), _dense(p, m))
+    return new, _Moments(m_new, v)
+
+
+def _rest_spec(params):
+    """Filter spec of the leaves `dlrt` hands to its inner optimizer: every inexact
+    array except the factors and masks of the low-rank layers (their biases
+    included)."""
+
+    def spec(x):
+        if _trainable_lowrank(x):
+            s = jtu.tree_map(lambda _: False, x)
+            if x.bias is not None:
+                s = eqx.tree_at(lambda m: m.bias, s, True)
+            return s
+        return jtu.tree_map(eqx.is_inexact_array, x)
+
+    return jtu.tree_map(spec, params, is_leaf=_is_lowrank)
 
 
 class DLRTState(eqx.Module):
-    """Per-`LowRankLinear` momentum (None elsewhere), kept in the current bases."""
+    """`count` (steps taken), `moments` (per low-rank layer, None elsewhere) and the
+    inner optimizer's state for the other leaves."""
 
-    momentum: object
+    count: jax.Array
+    moments: object
+    inner: object
 
 
 def dlrt(
-    learning_rate: float, tau: float = 0.1, momentum: float = 0.0
+    learning_rate: float | Callable,
+    tau: float = 0.1,
+    momentum: float = 0.0,
+    *,
+    method: str = "sgd",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
 ) -> optax.GradientTransformation:
     r"""Rank-adaptive training of [`LowRankLinear`][jaxdecomp.lowrank.LowRankLinear]
-    layers, as an optax `GradientTransformation`: the parallel rank-adaptive
-    basis-update & Galerkin integrator (one backward pass per step).
+    and [`TuckerConv2d`][jaxdecomp.lowrank.TuckerConv2d] layers, as an optax
+    `GradientTransformation`: the parallel rank-adaptive basis-update & Galerkin
+    integrator (one backward pass per step).
 
-    For each `LowRankLinear` leaf with $W = U S V^T$ (active rank $r$) and loss gradient
-    $G = \partial L / \partial W$ (recovered from the factor gradients as
-    $GV = (\partial_U L) S^{-T}$, $G^TU = (\partial_V L) S^{-1}$,
-    $U^TGV = \partial_S L$):
+    Each low-rank layer is a point of the Tucker-2 manifold $W = C \times_o U^o
+    \times_i U^i$ (a matrix $U S V^T$ is the case of a 1-tap kernel). With the
+    Riemannian gradient $\xi = P_W(\partial L/\partial W)$ recovered from the factor
+    gradients ($\partial_C L$ and $(\partial_{U^o} L) R_o^{-1}$, $R_o$ from the QR
+    of the core's unfolding), and the step direction $\eta$ ($\xi$, its momentum, or
+    its Adam-normalised momentum):
 
-    1. $K = US - \eta\,GV$, $L = VS^T - \eta\,G^TU$, $\tilde S = S - \eta\,U^TGV$;
-    2. new orthonormal bases $\hat U = \operatorname{orth}[U, K]$,
-       $\hat V = \operatorname{orth}[V, L]$ (old and new directions, up to $2r$);
-    3. Galerkin core $\hat S = \hat U^T\big(U\tilde SV^T + (I - UU^T)KV^T +
-       UL^T(I - VV^T)\big)\hat V$;
-    4. truncation: $\hat S = P\Sigma Q^T$, keep the smallest $r'$ with
-       $\|\Sigma_{r':}\| \le \tau\|\Sigma\|$ (at most `max_rank`), so
-       $U \leftarrow \hat U P_{r'}$, $S \leftarrow \Sigma_{r'}$, $V \leftarrow \hat V
-       Q_{r'}$.
+    1. augmented orthonormal bases $\hat U^o = \operatorname{orth}[U^o, Y^o_\eta]$,
+       $\hat U^i = \operatorname{orth}[U^i, Y^i_\eta]$ (old and new directions, up to
+       twice the rank);
+    2. Galerkin core $\hat C = (W - \eta_{lr}\,\eta) \times_o \hat U^{oT} \times_i
+       \hat U^{iT}$ (for a matrix: $\hat S = \hat U^T(U\tilde SV^T + (I - UU^T)KV^T +
+       UL^T(I - VV^T))\hat V$ with $K = US - \eta_{lr} GV$, $L = VS^T - \eta_{lr}
+       G^TU$, $\tilde S = S - \eta_{lr} U^TGV$);
+    3. truncation: (HO)SVD of $\hat C$; per mode keep the smallest rank with tail
+       $\|\sigma_{r:}\| \le \tau\|\sigma\|$ (at most the layer's maximum rank).
 
-    Shapes never change (the rank lives in the layer's mask), so a jitted step does not
-    recompile when the rank adapts; $U$ and $V$ stay orthonormal to rounding (QR every
-    step). Biases of the low-rank layers take a plain SGD step; every other leaf too
-    — to train those with another optimizer, combine with `optax.multi_transform`,
-    labelling the `LowRankLinear` leaves for `dlrt`.
+    Shapes never change (ranks live in the layers' masks), so a jitted step does not
+    recompile when a rank adapts; the bases stay orthonormal to rounding (QR every
+    step). Every other leaf (the low-rank layers' biases included) is updated by the
+    matching optax optimizer (`optax.sgd` with the same momentum, or `optax.adam`
+    with the same `b1, b2, eps`) at the same learning rate; to use yet another
+    optimizer for them, combine with `optax.multi_transform`, labelling the low-rank
+    layers for `dlrt`.
 
     **Arguments:**
 
-    - `learning_rate`: the step size $\eta > 0$ (SGD on the low-rank manifold).
+    - `learning_rate`: the step size $\eta_{lr} > 0$, or an optax schedule
+        (`count -> step size`).
     - `tau`: relative truncation threshold in $(0, 1)$.
-    - `momentum`: heavy-ball coefficient $\beta \in [0, 1)$ (default 0: plain SGD).
-        The momentum of the projected gradient is stored by its three components in
-        the current bases and carried across every basis change by projecting the
-        tangent matrix it represents onto the new bases (vector transport by
-        projection), so it is never reset when the rank changes.
+    - `momentum`: heavy-ball coefficient $\beta \in [0, 1)$ for `method="sgd"`
+        (default 0: plain SGD).
+    - `method`: `"sgd"` (default) or `"adam"`.
+    - `b1`, `b2`, `eps`: Adam's parameters (`method="adam"`).
+
+    **Optimizer state across basis changes:** the first moment (momentum) is a
+    tangent vector of the manifold, stored in the current bases and carried to the
+    new point by projection after every step (vector transport by projection), so it
+    is never reset when the bases rotate or the rank changes. Adam's second moment is
+    kept per layer as the mean square of the Riemannian gradient per degree of freedom
+    (a scalar), as in Riemannian Adam (Bécigneul & Ganea, ICLR 2019): elementwise
+    second moments are not defined independently of the basis, which changes every
+    step. So `method="adam"` is Adam elementwise on the other leaves and this
+    basis-free Adam on the low-rank layers.
 
     **Returns:** an `optax.GradientTransformation`; its `update` needs `params`.
-
-    **Limitations (this version):** SGD with optional heavy-ball momentum (no Adam
-    moments yet); only `LowRankLinear` (not `TuckerConv2d`).
 
     **Example:**
 
@@ -172,53 +319,74 @@ def dlrt(
     **References:** Schotthöfer et al., "Low-rank lottery tickets: finding efficient
     low-rank neural networks via matrix differential equations", NeurIPS 2022; Ceruti,
     Kusch & Lubich, "A parallel rank-adaptive integrator for dynamical low-rank
-    approximation", 2024; Schotthöfer et al., "GeoLoRA", 2024.
+    approximation", 2024; Schotthöfer et al., "GeoLoRA", 2024; Bécigneul & Ganea,
+    "Riemannian adaptive optimization methods", ICLR 2019.
     """
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
+    if callable(learning_rate):
+        schedule = learning_rate
+    elif isinstance(learning_rate, (int, float)) and learning_rate > 0:
+        schedule = optax.constant_schedule(float(learning_rate))
+    else:
         raise ValueError(
-            f"dlrt: learning_rate must be positive; got {learning_rate!r}."
+            "dlrt: learning_rate must be a positive number or a schedule; got "
+            f"{learning_rate!r}."
         )
     if not (isinstance(tau, (int, float)) and 0 < tau < 1):
         raise ValueError(f"dlrt: tau must be in (0, 1); got {tau!r}.")
-
     if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
         raise ValueError(f"dlrt: momentum must be in [0, 1); got {momentum!r}.")
+    if method not in ("sgd", "adam"):
+        raise ValueError(f"dlrt: method must be 'sgd' or 'adam'; got {method!r}.")
+    for name, val in (("b1", b1), ("b2", b2)):
+        if not 0 <= val < 1:
+            raise ValueError(f"dlrt: {name} must be in [0, 1); got {val!r}.")
+    if method == "adam":
+        inner = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
+        beta1 = b1
+    else:
+        inner = optax.sgd(schedule, momentum=momentum or None)
+        beta1 = momentum
 
     def init(params):
-        return DLRTState(
-            jtu.tree_map(
-                lambda p: (
-                    _zero_momentum(p) if _is_lowrank(p) and eqx.is_array(p.u) else None
-                ),
-                params,
-                is_leaf=_is_lowrank,
-            )
+        moments = jtu.tree_map(
+            lambda p: _zero_moments(p) if _trainable_lowrank(p) else None,
+            params,
+            is_leaf=_is_lowrank,
         )
+        rest = eqx.filter(params, _rest_spec(params))
+        with jax.numpy_dtype_promotion("standard"):
+            inner_state = inner.init(rest)
+        return DLRTState(jnp.zeros((), jnp.int32), moments, inner_state)
 
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("dlrt: update(grads, state, params) needs params.")
+        count = state.count + 1
+        spec = _rest_spec(params)
+        with jax.numpy_dtype_promotion("standard"):
+            lr = schedule(state.count)
+            rest, inner_state = inner.update(
+                eqx.filter(updates, spec), state.inner, eqx.filter(params, spec)
+            )
         g_leaves, treedef = jtu.tree_flatten(updates, is_leaf=_is_lowrank)
         p_leaves = treedef.flatten_up_to(params)
-        m_leaves = treedef.flatten_up_to(state.momentum)
+        m_leaves = treedef.flatten_up_to(state.moments)
         out, moms = [], []
         for g, p, mom in zip(g_leaves, p_leaves, m_leaves):
-            if _is_lowrank(p) and eqx.is_array(p.u):
-                new, mom = _step(p, g, mom, learning_rate, tau, momentum)
-                out.append(
-                    jtu.tree_map(
-                        lambda a, b: None if a is None else a - b,
-                        new,
-                        p,
-                        is_leaf=lambda x: x is None,
-                    )
-                )
-            else:
-                out.append(None if g is None else -learning_rate * g)
+            if _trainable_lowrank(p):
+                lr_p = jnp.asarray(lr, p._tucker()[1].dtype)
+                new, mom = _step(p, g, mom, lr_p, tau, method, beta1, b2, eps, count)
+                delta = jtu.tree_map(lambda a, b: a - b, new, p)
+                if p.bias is not None:
+                    delta = eqx.tree_at(lambda m: m.bias, delta, None)
+                out.append(delta)
+            else:  # same structure, no leaves: `rest` holds this one's update
+                out.append(jtu.tree_map(lambda _: None, g))
             moms.append(mom)
+        lowrank = jtu.tree_unflatten(treedef, out)
         return (
-            jtu.tree_unflatten(treedef, out),
-            DLRTState(jtu.tree_unflatten(treedef, moms)),
+            eqx.combine(rest, lowrank),
+            DLRTState(count, jtu.tree_unflatten(treedef, moms), inner_state),
         )
 
     return optax.GradientTransformation(init, update)

@@ -252,3 +252,13 @@ class LowRankLinear(eqx.Module):
         if self.bias is not None:
             out = eqx.tree_at(lambda m: m.bias, out, self.bias)
         return out
+
+    # The generic Tucker-2 view used by `dlrt`: (u, core (r, r, 1), v, mask, mask).
+    def _tucker(self):
+        return self.u, self.s[:, :, None], self.v, self.mask, self.mask
+
+    def _with_tucker(self, u, core, v, mask, mask_in) -> LowRankLinear:
+        del mask_in  # a matrix has one rank (both modes' singular values coincide)
+        return eqx.tree_at(
+            lambda m: (m.u, m.s, m.v, m.mask), self, (u, core[:, :, 0], v, mask)
+        )

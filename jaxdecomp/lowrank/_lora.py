@@ -13,28 +13,39 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._misc import mm, select_linear_layers
+from .._misc import is_conv, is_linear, mm, select_linear_layers
 
 HI = jax.lax.Precision.HIGHEST
 
 
 class LoRA(eqx.Module):
-    r"""A low-rank adapter around a frozen `eqx.nn.Linear`:
-    $y = W x + b + \tfrac{\alpha}{r} B A x$, with $A \in \mathbb{R}^{r \times n_{in}}$
-    (random) and $B \in \mathbb{R}^{n_{out} \times r}$ (zeros, so training starts
-    from the wrapped layer exactly).
+    r"""A low-rank adapter around a frozen `eqx.nn.Linear` or `eqx.nn.Conv`.
 
-    The base weight and bias pass through `lax.stop_gradient`, so they are frozen:
-    their gradients are exactly zero in both modes. `merge()` folds the adapter into
-    the base weight (inference costs one matmul) and `unmerge()` takes it out again;
-    both are exact to rounding and work under `jit`.
+    - Linear: $y = W x + b + \tfrac{\alpha}{r} B A x$, with
+      $A \in \mathbb{R}^{r \times n_{in}}$ (random) and
+      $B \in \mathbb{R}^{n_{out} \times r}$ (zeros).
+    - Convolution (any number of spatial dimensions, `groups=1`): a Tucker-2 update of
+      the kernel, as FLoRA does, $\Delta W_{o,i,\ldots} = \tfrac{\alpha}{r}
+      \sum_{a,b} B_{oa}\, G_{ab\ldots}\, A_{bi}$ with a core $G \in
+      \mathbb{R}^{r\times r\times k_1\times\cdots}$ (random), $A$ (random),
+      $B$ (zeros); the layer convolves with $W + \Delta W$. Trainable parameters:
+      $r(c_{in} + c_{out}) + r^2 k_1\cdots k_d$ instead of $c_{out} c_{in}
+      k_1\cdots k_d$.
+
+    $B = 0$, so training starts from the wrapped layer exactly. The base weight and
+    bias pass through `lax.stop_gradient`, so they are frozen: their gradients are
+    exactly zero in both modes. `merge()` folds the adapter into the base weight
+    (inference costs one plain layer) and `unmerge()` takes it out again; both are exact
+    to rounding and work under `jit`.
 
     **Arguments:**
 
-    - `layer`: an `eqx.nn.Linear` (convolutions are not supported yet: `TypeError`).
-    - `rank`: $1 \le r \le \min(n_{in}, n_{out})$.
-    - `alpha`: the scale numerator ($\alpha/r$ multiplies $BA$), positive.
-    - `key`: initialises $A$ (uniform, $\pm 1/\sqrt{n_{in}}$).
+    - `layer`: an `eqx.nn.Linear` or an ungrouped `eqx.nn.Conv` (`Conv1d/2d/3d`);
+        anything else is a `TypeError`.
+    - `rank`: $1 \le r \le \min(n_{in}, n_{out})$ (channels for a convolution).
+    - `alpha`: the scale numerator ($\alpha/r$ multiplies the update), positive.
+    - `key`: initialises $A$ (uniform, $\pm 1/\sqrt{\text{fan-in}}$) and $G$
+        (normal, variance $1/(r k)$).
 
     **Example:**
 
@@ -47,15 +58,19 @@ class LoRA(eqx.Module):
     x = jnp.ones(16)
     assert jnp.allclose(adapted(x), base(x))  # B = 0 at start
     merged = adapted.merge()
+
+    conv = eqx.nn.Conv2d(8, 16, 3, padding=1, key=jax.random.key(2))
+    tucker = LoRA(conv, rank=2, key=jax.random.key(3))  # 2 (8 + 16) + 4 * 9 params
     ```
 
-    **Reference:** Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
-    ICLR 2022.
+    **References:** Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
+    ICLR 2022; Si et al., "FLoRA: Low-Rank Core Space for N-dimension", 2024.
     """
 
-    base: eqx.nn.Linear
+    base: eqx.nn.Linear | eqx.nn.Conv
     a: Float[Array, "rank in"]
     b: Float[Array, "out rank"]
+    core: Float[Array, "rank rank *kernel"] | None
     scale: float = eqx.field(static=True)
     merged: bool = eqx.field(static=True)
 
@@ -68,14 +83,19 @@ class LoRA(eqx.Module):
         key: PRNGKeyArray,
         merged: bool = False,
     ):
-        if not isinstance(layer, eqx.nn.Linear):
+        if is_linear(layer):
+            if layer.in_features == "scalar" or layer.out_features == "scalar":
+                raise TypeError("LoRA: 'scalar' Linear layers are not supported.")
+            n_in, n_out, taps = layer.in_features, layer.out_features, ()
+        elif is_conv(layer):
+            n_out, n_in, *taps = layer.weight.shape
+            taps = tuple(taps)
+        else:
             raise TypeError(
-                "LoRA: only eqx.nn.Linear layers are supported; got "
-                f"{type(layer).__name__}."
+                "LoRA: only eqx.nn.Linear and ungrouped eqx.nn.Conv layers are "
+                f"supported; got {type(layer).__name__}."
             )
-        if layer.in_features == "scalar" or layer.out_features == "scalar":
-            raise TypeError("LoRA: 'scalar' Linear layers are not supported.")
-        limit = min(layer.in_features, layer.out_features)
+        limit = min(n_in, n_out)
         if not (isinstance(rank, int) and 1 <= rank <= limit):
             raise ValueError(
                 f"LoRA: rank must be an int in [1, min(in, out) = {limit}]; got "
@@ -84,48 +104,72 @@ class LoRA(eqx.Module):
         if not (isinstance(alpha, (int, float)) and alpha > 0):
             raise ValueError(f"LoRA: alpha must be a positive number; got {alpha!r}.")
         dtype = layer.weight.dtype
-        lim = 1 / np.sqrt(layer.in_features)
+        ka, kg = jr.split(key)
+        lim = 1 / np.sqrt(n_in * int(np.prod(taps, dtype=int)))
         self.base = layer
-        self.a = jr.uniform(key, (rank, layer.in_features), dtype, -lim, lim)
-        self.b = jnp.zeros((layer.out_features, rank), dtype)
+        self.a = jr.uniform(ka, (rank, n_in), dtype, -lim, lim)
+        self.b = jnp.zeros((n_out, rank), dtype)
+        if taps:
+            std = float(1 / np.sqrt(rank * int(np.prod(taps))))
+            self.core = std * jr.normal(kg, (rank, rank, *taps), dtype)
+        else:
+            self.core = None
         self.scale = float(alpha) / rank
         self.merged = merged
 
     @property
-    def delta(self) -> Float[Array, "out in"]:
-        """The adapter's weight update (alpha / r) B A."""
-        return self.scale * mm(self.b, self.a)
+    def delta(self) -> Float[Array, "out in *kernel"]:
+        """The adapter's weight update: (alpha / r) B A, or the Tucker-2 kernel update
+        (alpha / r) B G A for a convolution."""
+        if self.core is None:
+            return self.scale * mm(self.b, self.a)
+        return self.scale * jnp.einsum(
+            "oa,ab...,bi->oi...", self.b, self.core, self.a, precision=HI
+        )
 
-    def __call__(self, x: Float[Array, " in"], *, key=None) -> Float[Array, " out"]:
+    def __call__(self, x, *, key=None):
         w = jax.lax.stop_gradient(self.base.weight)
+        if self.core is not None:
+            # Convolve once with the effective kernel. Merged: the base already holds
+            # the update; (delta - stop_gradient(delta)) is zero but keeps the
+            # adapter's gradient, so training can continue after a merge.
+            delta = self.delta
+            if self.merged:
+                delta = delta - jax.lax.stop_gradient(delta)
+            base = jtu.tree_map(jax.lax.stop_gradient, self.base)
+            return eqx.tree_at(lambda c: c.weight, base, w + delta)(x)
         y = jnp.matmul(w, x, precision=HI)
         if self.base.bias is not None:
             y = y + jax.lax.stop_gradient(self.base.bias)
         if self.merged:
-            # The base weight already holds the update; the adapter still gets its
-            # gradient so that training can continue after a merge.
             w_frozen_delta = jax.lax.stop_gradient(self.delta)
             adapter = jnp.matmul(self.delta - w_frozen_delta, x, precision=HI)
             return y + adapter
         ax = jnp.matmul(self.a, x, precision=HI)
         return y + self.scale * jnp.matmul(self.b, ax, precision=HI)
 
+    @property
+    def trainable_params(self) -> int:
+        """Number of adapter parameters: r (in + out) (+ r^2 k for a convolution)."""
+        n = self.a.size + self.b.size
+        return n + (0 if self.core is None else self.core.size)
+
     def merge(self) -> LoRA:
-        """Fold (alpha/r) B A into the base weight (no-op if already merged)."""
+        """Fold the update into the base weight (no-op if already merged)."""
         if self.merged:
             return self
         new = eqx.tree_at(lambda m: m.base.weight, self, self.base.weight + self.delta)
         return _set_merged(new, True)
 
     def unmerge(self) -> LoRA:
-        """Take (alpha/r) B A out of the base weight (no-op if not merged)."""
+        """Take the update out of the base weight (no-op if not merged)."""
         if not self.merged:
             return self
         new = eqx.tree_at(lambda m: m.base.weight, self, self.base.weight - self.delta)
         return _set_merged(new, False)
 
-    def to_linear(self) -> eqx.nn.Linear:
-        """A plain `eqx.nn.Linear` with the adapter folded in (for deployment)."""
+    def to_linear(self) -> eqx.nn.Linear | eqx.nn.Conv:
+        """The plain wrapped layer type with the adapter folded in (deployment)."""
         return self.merge().base
 
 
@@ -133,7 +177,7 @@ def _set_merged(layer: LoRA, merged: bool) -> LoRA:
     # `merged` is a static field, so flipping it needs a new instance; this is how
     # Equinox itself rebuilds modules when unflattening (no __init__ call).
     out = object.__new__(LoRA)
-    for field in ("base", "a", "b", "scale"):
+    for field in ("base", "a", "b", "core", "scale"):
         object.__setattr__(out, field, getattr(layer, field))
     object.__setattr__(out, "merged", merged)
     return out
@@ -151,15 +195,17 @@ def lora(
     where: Callable[[Any], Any] | None = None,
     key: PRNGKeyArray,
 ) -> Any:
-    r"""Wrap selected `eqx.nn.Linear` layers of a model in
-    [`LoRA`][jaxdecomp.lowrank.LoRA] adapters, by tree surgery (`eqx.tree_at`).
+    r"""Wrap selected `eqx.nn.Linear` / `eqx.nn.Conv` layers of a model in
+    [`LoRA`][jaxdecomp.lowrank.LoRA] adapters (Tucker-2 adapters for convolutions),
+    by tree surgery (`eqx.tree_at`).
 
     **Arguments:**
 
     - `model`: any pytree (an Equinox model).
     - `rank`, `alpha`: as for `LoRA` (same for every wrapped layer).
-    - `where`: `model -> layer or sequence of layers` selecting which `eqx.nn.Linear`
-        layers to wrap (as in `eqx.tree_at`); default all of them.
+    - `where`: `model -> layer or sequence of layers` selecting which layers to wrap
+        (as in `eqx.tree_at`); default every `eqx.nn.Linear` and ungrouped
+        `eqx.nn.Conv`.
     - `key`: split across the wrapped layers.
 
     **Returns:** the model with the selected layers replaced. The base weights of the
@@ -179,7 +225,7 @@ def lora(
     params, frozen = eqx.partition(adapted, trainable(adapted))
     ```
     """
-    where, layers, single = select_linear_layers(model, where, "lora")
+    where, layers, single = select_linear_layers(model, where, "lora", convs=True)
     keys = jr.split(key, len(layers))
     wrapped = [LoRA(layer, rank, alpha, key=k) for layer, k in zip(layers, keys)]
     return eqx.tree_at(where, model, wrapped[0] if single else wrapped)
@@ -192,7 +238,8 @@ def trainable(model: Any) -> Any:
     layers.
 
     **Returns:** a pytree of bools like `model`: True exactly for the adapter factors
-    `a` and `b`; for `eqx.partition` / `eqx.filter` / `optax.masked`.
+    `a`, `b` (and `core` for convolutions); for `eqx.partition` / `eqx.filter` /
+    `optax.masked`.
 
     **Example:**
 
@@ -210,6 +257,8 @@ def trainable(model: Any) -> Any:
         spec = jtu.tree_map(lambda _: False, x)
         if _is_lora(x):
             spec = eqx.tree_at(lambda m: (m.a, m.b), spec, (True, True))
+            if x.core is not None:
+                spec = eqx.tree_at(lambda m: m.core, spec, True)
         return spec
 
     return jtu.tree_map(spec_of, model, is_leaf=_is_lora)
