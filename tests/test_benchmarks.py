@@ -57,6 +57,7 @@ def test_cg_benchmark_runs_and_agrees_with_scipy():
     assert len(gen.rows) == 1
 
 
+@pytest.mark.slow  # 45 s of compilation (every table row); run with --runslow
 def test_lowrank_benchmark_runs():
     pytest.importorskip("sklearn")
     main, lora_table = lowrank.run(

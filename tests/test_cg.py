@@ -52,7 +52,7 @@ def test_check_grads_both_modes():
     def solve(a, b):
         return solvers.cg(0.5 * (a + a.T), b, rtol=1e-13).x
 
-    check_grads(solve, (a, b), order=2, modes=("fwd", "rev"))
+    check_grads(jax.jit(solve), (a, b), order=2, modes=("fwd", "rev"))
 
 
 def test_unrolled_matches_implicit():

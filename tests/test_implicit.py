@@ -99,8 +99,8 @@ def test_ridge_check_grads_order2(getkey):
     X, y = ridge_data(getkey(), n=12, d=4)
     solver = make_ridge_solver()
     w0 = jnp.zeros(4)
-    check_grads(
-        lambda lam, X, y: solver(w0, lam, X, y),
+    check_grads(  # jitted: one compilation per derivative, not op-by-op dispatch
+        jax.jit(lambda lam, X, y: solver(w0, lam, X, y)),
         (jnp.asarray(0.5), X, y),
         order=2,
         modes=("fwd", "rev"),
@@ -187,13 +187,13 @@ def test_lasso_value_and_derivatives(getkey):
     assert_tree_allclose(lasso_solver(w0, lam, X, y), lasso_closed(lam, X, y))
     for jac in (jax.jacfwd, jax.jacrev):
         assert_tree_allclose(
-            jac(lasso_solver, argnums=(1, 3))(w0, lam, X, y),
+            jax.jit(jac(lasso_solver, argnums=(1, 3)))(w0, lam, X, y),
             jax.jacfwd(lasso_closed, argnums=(0, 2))(lam, X, y),
             rtol=1e-9,
             atol=1e-12,
         )
     check_grads(
-        lambda lam, y: lasso_solver(w0, lam, X, y),
+        jax.jit(lambda lam, y: lasso_solver(w0, lam, X, y)),
         (lam, y),
         order=2,
         modes=("fwd", "rev"),

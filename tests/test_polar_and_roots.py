@@ -36,7 +36,11 @@ def test_inv_pth_root_accuracy(p):
 def test_inv_pth_root_grads(method, p):
     a = jnp.asarray(spd(5, 10.0, seed=1))
     check_grads(
-        symmetrised(lambda a: jaxdecomp.inv_pth_root(a, p, ridge=0.1, method=method)),
+        jax.jit(
+            symmetrised(
+                lambda a: jaxdecomp.inv_pth_root(a, p, ridge=0.1, method=method)
+            )
+        ),
         (a,),
         order=2,
         modes=("fwd", "rev"),
@@ -91,7 +95,7 @@ def test_polar(shape, method):
     assert rel(u32, expected) <= 1e-5
     if len(shape) == 2:
         check_grads(
-            lambda a: jaxdecomp.polar(a, method=method),
+            jax.jit(lambda a: jaxdecomp.polar(a, method=method)),
             (jnp.asarray(a),),
             order=2,
             modes=("fwd", "rev"),

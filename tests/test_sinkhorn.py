@@ -124,7 +124,7 @@ def test_check_grads_points(name):
     x, y, a, b = problem(5, 6)
     fn = _outputs(SOLVERS[name])
     check_grads(
-        lambda x, y: fn(x, y, a, b),
+        jax.jit(lambda x, y: fn(x, y, a, b)),
         (jnp.asarray(x), jnp.asarray(y)),
         order=2,
         modes=("fwd", "rev"),
@@ -141,7 +141,7 @@ def test_check_grads_marginals_and_epsilon():
         return fn(jnp.asarray(x), jnp.asarray(y), wa / wa.sum(), wb / wb.sum())
 
     check_grads(
-        of_weights,
+        jax.jit(of_weights),
         (jnp.asarray(a), jnp.asarray(b)),
         order=2,
         modes=("fwd", "rev"),

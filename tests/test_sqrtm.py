@@ -155,7 +155,7 @@ def test_gradient_finite_and_correct_at_repeated_eigenvalues(method):
     # Repeated (but not all equal) eigenvalues, second order.
     a = jnp.asarray(spd(6, 10.0, seed=7, repeated=True))
     check_grads(
-        symmetrised(lambda a: jaxdecomp.sqrtm(a, method=method)),
+        jax.jit(symmetrised(lambda a: jaxdecomp.sqrtm(a, method=method))),
         (a,),
         order=2,
         modes=("fwd", "rev"),
@@ -274,7 +274,9 @@ def test_solve_lyapunov(method):
     )
     s_small = jnp.asarray(spd(5, 10.0, seed=8))
     check_grads(
-        lambda s, g: jaxdecomp.solve_lyapunov(0.5 * (s + s.T), g, method=method),
+        jax.jit(
+            lambda s, g: jaxdecomp.solve_lyapunov(0.5 * (s + s.T), g, method=method)
+        ),
         (s_small, g[:5, :5]),
         order=2,
         modes=("fwd", "rev"),

@@ -217,13 +217,14 @@ def _stencil_pattern(n: int, d: int = 2):
     return SparsityPattern(rows, cols, (n**d, n**d)), (rows, cols)
 
 
-def poisson_2d(n: int, dtype=jnp.float64) -> Diffusion2D:
+def poisson_2d(n: int, dtype=None) -> Diffusion2D:
     """2-D Poisson ($k = 1$) on an `n x n` interior grid (see
     [`Diffusion2D`][solvers.problems.Diffusion2D]).
 
     **Arguments:**
 
-    - `n`: grid cells per side; `dtype`: float dtype of the coefficients.
+    - `n`: grid cells per side; `dtype`: float dtype of the coefficients (default:
+      JAX's default float dtype, float64 when x64 is enabled, else float32).
 
     **Example:**
 
@@ -233,7 +234,13 @@ def poisson_2d(n: int, dtype=jnp.float64) -> Diffusion2D:
     print(solvers.problems.poisson_2d(8).diagonal()[:3])
     ```
     """
+    dtype = _float_dtype(dtype)
     return Diffusion2D(jnp.ones((n + 1, n), dtype), jnp.ones((n, n + 1), dtype))
+
+
+def _float_dtype(dtype):
+    """`dtype`, or JAX's default float dtype when None."""
+    return jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
 
 
 def _gaussian_field(key, n, length, dtype, d=2):
@@ -259,6 +266,7 @@ def _lognormal_faces(name, key, n, d, variance, length, dtype):
         raise ValueError(
             f"{name}: need variance >= 0 and length > 0; got {variance}, {length}."
         )
+    dtype = _float_dtype(dtype)
     z = _gaussian_field(key, n, length, dtype, d)
     k = jnp.exp(jnp.sqrt(jnp.asarray(variance, dtype)) * z)
     faces = []
@@ -281,7 +289,7 @@ def diffusion_2d(
     *,
     variance: float = 1.0,
     length: float = 0.1,
-    dtype=jnp.float64,
+    dtype=None,
 ) -> Diffusion2D:
     """Variable-coefficient diffusion with a log-normal coefficient field
     $k = \\exp(\\sigma z)$, $z$ a unit-variance Gaussian field of correlation length
@@ -294,7 +302,7 @@ def diffusion_2d(
     - `key`: a JAX PRNG key (the problem is a deterministic function of it).
     - `n`: grid cells per side.
     - `variance`, `length`: of the log-coefficient field.
-    - `dtype`: float dtype.
+    - `dtype`: float dtype (default: JAX's default float dtype).
 
     **Example:**
 
@@ -342,7 +350,7 @@ def heat_steps(op: _GridDiffusion, dts: Float[ArrayLike, " steps"]) -> _GridDiff
     return jax.vmap(lambda s: eqx.tree_at(lambda o: o.shift, op, s))(shifts)
 
 
-def anisotropic_2d(n: int, epsilon: float, dtype=jnp.float64) -> Diffusion2D:
+def anisotropic_2d(n: int, epsilon: float, dtype=None) -> Diffusion2D:
     """Axis-aligned anisotropic diffusion $-u_{xx} - \\varepsilon u_{yy}$ on an
     `n x n` grid (face coefficients 1 across the first axis, $\\varepsilon$ across
     the second): the classic hard case for point smoothers and geometric multigrid
@@ -352,7 +360,7 @@ def anisotropic_2d(n: int, epsilon: float, dtype=jnp.float64) -> Diffusion2D:
 
     - `n`: grid cells per side.
     - `epsilon`: the anisotropy ratio, > 0.
-    - `dtype`: float dtype.
+    - `dtype`: float dtype (default: JAX's default float dtype).
 
     **Example:**
 
@@ -371,11 +379,12 @@ def anisotropic_2d(n: int, epsilon: float, dtype=jnp.float64) -> Diffusion2D:
     )
 
 
-def poisson_3d(n: int, dtype=jnp.float64) -> Diffusion3D:
+def poisson_3d(n: int, dtype=None) -> Diffusion3D:
     """3-D Poisson ($k = 1$) on an `n x n x n` interior grid (see
     [`Diffusion3D`][solvers.problems.Diffusion3D]).
 
-    **Arguments:** `n`: grid cells per side; `dtype`: float dtype.
+    **Arguments:** `n`: grid cells per side; `dtype`: float dtype (default: JAX's
+    default float dtype).
 
     **Example:**
 
@@ -400,7 +409,7 @@ def diffusion_3d(
     *,
     variance: float = 1.0,
     length: float = 0.1,
-    dtype=jnp.float64,
+    dtype=None,
 ) -> Diffusion3D:
     """3-D variable-coefficient diffusion with a log-normal coefficient field, as
     [`diffusion_2d`][solvers.problems.diffusion_2d] (harmonic-mean face coefficients,
