@@ -129,7 +129,10 @@ def _hidden_optimizer(model, transforms):
 STEPS_PER_EPOCH = 11  # 1438 training digits, batches of 128
 
 
-def _methods(taus_sgd, taus_adam, epochs):
+SEQUENTIAL_LR = 0.3  # plain SGD (no momentum); best of 0.1 / 0.3 on seeds 0-1
+
+
+def _methods(taus_sgd, taus_adam, epochs, taus_seq=()):
     """(name, model kind, optimizer factory) per row of the main table."""
 
     def cosine():
@@ -146,6 +149,16 @@ def _methods(taus_sgd, taus_adam, epochs):
                 "dlrt",
                 lambda m, t=tau: _hidden_optimizer(
                     m, [dlrt(0.05, t, momentum=0.9)] * 2
+                ),
+            )
+        )
+    for tau in taus_seq:
+        rows.append(
+            (
+                f"DLRT SGD sequential tau={tau}",
+                "dlrt",
+                lambda m, t=tau: _hidden_optimizer(
+                    m, [dlrt(SEQUENTIAL_LR, t, variant="sequential")] * 2
                 ),
             )
         )
@@ -229,8 +242,11 @@ def run(
     taus_adam=None,
     plots: bool = True,
     trp_settings=None,
+    taus_seq=None,
 ):
     seeds = (range(5) if full else range(1)) if seeds is None else seeds
+    if taus_seq is None:
+        taus_seq = (0.2,) if full else ()
     epochs = (60 if full else 10) if epochs is None else epochs
     if taus_sgd is None:
         taus_sgd = (0.1, 0.15, 0.2, 0.25, 0.3) if full else (0.2,)
@@ -242,15 +258,15 @@ def run(
     if _data(0) is None:
         return []
     with jax.numpy_dtype_promotion("standard"):
-        return _run(seeds, epochs, taus_sgd, taus_adam, plots, trp_settings)
+        return _run(seeds, epochs, taus_sgd, taus_adam, plots, trp_settings, taus_seq)
 
 
-def _run(seeds, epochs, taus_sgd, taus_adam, plots, trp_settings):
+def _run(seeds, epochs, taus_sgd, taus_adam, plots, trp_settings, taus_seq):
     results, histories = {}, {}
     for seed in seeds:
         train, test = _data(seed)
         dense_model = None
-        for name, kind, make_opt in _methods(taus_sgd, taus_adam, epochs):
+        for name, kind, make_opt in _methods(taus_sgd, taus_adam, epochs, taus_seq):
             model = _make(kind, jr.key(seed))
             history = [] if kind.startswith("dlrt") and seed == seeds[0] else None
             model, t = _train(

@@ -124,7 +124,7 @@ def _on_cpu() -> bool:
 def _candidates(ott):
     out = {
         f"jaxdecomp {m}": (lambda a, m=m: jaxdecomp.sqrtm(a, method=m, throw=False))
-        for m in ("eigh", "newton_schulz", "pade", "taylor")
+        for m in ("eigh", "newton_schulz", "mixed", "pade", "taylor")
     }
     out["JAX eigh + autodiff (default precision)"] = _eigh_sqrt
     if not _on_cpu():  # default float32 matmuls are TF32 there: add the fair anchor

@@ -6,21 +6,26 @@ Three iterations share one driver:
   iteration on [[0, A], [I, 0]] written in its blocks;
 - the sign iteration on [[S, G], [0, -S]], whose off-diagonal block tends to 2 X with
   S X + X S = G (the Lyapunov solve of the backward passes);
-- the polar iteration X <- X q(X^T X).
+- the polar iteration X <- X q(X^T X);
+
+and `mixed_sqrt` combines the first two into a mixed-precision square root
+(low-precision iterations, then Newton refinement with high-precision residuals).
 
 Each step applies an odd quintic p(x) = x (a + b x^2 + c x^4) from `sign_schedule`
 (optimal for the current interval), then the classical quintic until the residual is
 below `tol`, stops improving (the rounding floor), or `max_steps` is reached.
-All matmuls run at HIGHEST precision.
+All matmuls run at HIGHEST precision unless a low-precision `matmul` is passed (only
+`mixed_sqrt` does).
 """
 
 from __future__ import annotations
 
 import jax.lax as lax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
-from ._misc import eye_like, fro, mm, mT
+from ._misc import eye_like, fro, mm, mT, sym
 from ._sign_polynomials import sign_schedule
 
 # Design lower bound of the interval the polynomials are optimal for: covers condition
@@ -28,8 +33,18 @@ from ._sign_polynomials import sign_schedule
 DESIGN_ELL = 1e-3
 
 
-def _coeffs(dtype) -> Array:
-    return jnp.asarray(sign_schedule(DESIGN_ELL), dtype)
+# Low-precision iterations divide the optimal polynomials' argument by this factor
+# (p(x / s)), so that rounding cannot push a value past the interval the next
+# polynomial is designed for (as Polar Express does for bfloat16); without it the
+# bfloat16 square-root iteration diverges.
+SAFETY = 1.01
+
+
+def _coeffs(dtype, safety: float = 1.0) -> Array:
+    coeffs = np.array(sign_schedule(DESIGN_ELL))
+    powers = 2 * np.arange(coeffs.shape[1]) + 1
+    coeffs[:-1] /= safety ** powers[None, :]  # not the classical (self-correcting) row
+    return jnp.asarray(coeffs, dtype)
 
 
 def _max_residual(r: Array) -> Array:
@@ -37,10 +52,10 @@ def _max_residual(r: Array) -> Array:
     return jnp.max(r) if r.ndim else r
 
 
-def _drive(step, state, res0, dtype, tol, max_steps: int):
+def _drive(step, state, res0, dtype, tol, max_steps: int, safety: float = 1.0):
     """Run `state, res = step(state, coeffs)` until res <= tol, stagnation after the
     schedule, or max_steps. Returns (state, n_steps, residual)."""
-    coeffs = _coeffs(dtype)
+    coeffs = _coeffs(dtype, safety)
     n_sched = coeffs.shape[0] - 1
 
     def cond(carry):
@@ -65,9 +80,12 @@ def _upper_bound_eig(a: Array) -> Array:
     return jnp.minimum(fro(a), one)[..., None, None]
 
 
-def coupled_sqrt(a: Array, tol, max_steps: int):
-    """(A^{1/2}, A^{-1/2}, n_steps, residual ||ZY - I||_F / sqrt(n)) for SPD `a`."""
+def coupled_sqrt(a: Array, tol, max_steps: int, matmul=mm, safety: float = 1.0):
+    """(A^{1/2}, A^{-1/2}, n_steps, residual ||ZY - I||_F / sqrt(n)) for SPD `a`.
+    With a low-precision `matmul`, Z Y is symmetrised every step (it is symmetric in
+    exact arithmetic) and the polynomials are damped by `safety`."""
     n = a.shape[-1]
+    mm_ = matmul
     c = _upper_bound_eig(a)
     eye = eye_like(a)
     y = a / c
@@ -76,20 +94,24 @@ def coupled_sqrt(a: Array, tol, max_steps: int):
 
     def step(state, co):
         y, z, m = state
-        m2 = mm(m, m)
+        m2 = mm_(m, m)
         t = co[0] * eye + co[1] * m + co[2] * m2
-        y, z = mm(y, t), mm(t, z)
-        m = mm(z, y)
+        y, z = mm_(y, t), mm_(t, z)
+        m = mm_(z, y)
+        if matmul is not mm:
+            m = sym(m)
         return (y, z, m), fro(m - eye) / jnp.sqrt(n)
 
     (y, z, _), k, res = _drive(
-        step, (y, z, m), fro(m - eye) / jnp.sqrt(n), a.dtype, tol, max_steps
+        step, (y, z, m), fro(m - eye) / jnp.sqrt(n), a.dtype, tol, max_steps, safety
     )
     sc = jnp.sqrt(c)
     return y * sc, z / sc, k, res
 
 
-def sign_lyapunov(s: Array, g: Array, tol, max_steps: int):
+def sign_lyapunov(
+    s: Array, g: Array, tol, max_steps: int, matmul=mm, safety: float = 1.0
+):
     """X with S X + X S = G for SPD `s` (any `g`), by the sign iteration. The residual
     returned also measures ||sign(S) - I||, so an indefinite `s` shows as failure."""
     n = s.shape[-1]
@@ -97,6 +119,7 @@ def sign_lyapunov(s: Array, g: Array, tol, max_steps: int):
     eye = eye_like(s)
     p = s / c
     q = jnp.broadcast_to(g / c, jnp.broadcast_shapes(g.shape, s.shape))
+    mm = matmul
     r = mm(p, p)
 
     def step(state, co):
@@ -110,7 +133,7 @@ def sign_lyapunov(s: Array, g: Array, tol, max_steps: int):
         return (p, q, r), fro(r - eye) / jnp.sqrt(n)
 
     (p, q, _), k, res = _drive(
-        step, (p, q, r), fro(r - eye) / jnp.sqrt(n), s.dtype, tol, max_steps
+        step, (p, q, r), fro(r - eye) / jnp.sqrt(n), s.dtype, tol, max_steps, safety
     )
     # sign(S) = I exactly when S is positive definite: fold that into the residual.
     res = jnp.maximum(res, _max_residual(fro(p - eye) / jnp.sqrt(n)))
@@ -135,3 +158,98 @@ def polar_iteration(a: Array, tol, max_steps: int):
         step, (x, gram), fro(gram - eye) / jnp.sqrt(n), a.dtype, tol, max_steps
     )
     return x, k, res
+
+
+def low_precision_matmul(dtype):
+    """The matmul of the low-precision phase for `dtype` inputs, and its unit
+    roundoff: bfloat16 operands with float32 accumulation for float32 (tensor-core
+    rate on GPUs), float32 operands at HIGHEST precision for float64."""
+    dtype = jnp.dtype(dtype)
+    low = jnp.bfloat16 if dtype == jnp.float32 else jnp.float32
+
+    def matmul(a, b):
+        out = jnp.matmul(
+            a.astype(low),
+            b.astype(low),
+            precision=lax.Precision.HIGHEST if low == jnp.float32 else None,
+            preferred_element_type=jnp.float32,
+        )
+        return out.astype(dtype)
+
+    return matmul, float(jnp.finfo(low).eps) / 2
+
+
+# Low-precision sign-iteration steps per refinement (the correction needs only a
+# couple of correct digits) and the low-precision square-root steps.
+MIXED_LYAPUNOV_STEPS = 12
+MIXED_SQRT_STEPS = 12
+
+
+def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
+    """Mixed-precision (A^{1/2}, A^{-1/2} or zeros, n_steps, residual) for SPD `a`.
+
+    1. Low precision: coupled Newton-Schulz on A / c + delta I (c >= lambda_max,
+       delta = u_low / 4, a shift that keeps the rounded matrix positive definite).
+    2. Newton refinement, each step with the residual R = A / c - X^2 in the working
+       precision (HIGHEST) and the correction E of X E + E X = R from the sign
+       iteration in low precision: X <- X + sym(E), until ||E||_F / ||X||_F <= tol
+       or ||E|| stops decreasing (the working-precision floor), or `max_steps`.
+    3. For A^{-1/2}: Newton-Schulz inversion of X from the low-precision Z, in the
+       working precision, Y <- Y + Y (I - X Y).
+    n_steps counts refinement steps (step 2); residual is the last relative ||R||_F.
+    """
+    low, u_low = low_precision_matmul(a.dtype)
+    c = _upper_bound_eig(a)
+    ah = a / c
+    eye = eye_like(a)
+    x, z, _, _ = coupled_sqrt(
+        ah + (u_low / 4) * eye, 0.0, MIXED_SQRT_STEPS, low, SAFETY
+    )
+    x, z = sym(x), sym(z)
+    norm = fro(ah)
+
+    def residual(x):
+        r = ah - mm(x, x)
+        return r, _max_residual(fro(r) / norm)
+
+    def cond(carry):
+        k, _, _, step, prev = carry
+        # Stop on the size of the correction, not the residual: an error along an
+        # eigenvector with a small eigenvalue mu shows in R only as 2 mu E.
+        stalled = (k >= 2) & (step > 0.5 * prev)
+        return (k < max_steps) & (step > tol) & ~stalled
+
+    def body(carry):
+        k, x, r, step, _ = carry
+        e, _, _ = sign_lyapunov(x, r, 0.0, MIXED_LYAPUNOV_STEPS, low, SAFETY)
+        e = sym(e)
+        x = x + e
+        r, _ = residual(x)
+        return k + 1, x, r, _max_residual(fro(e) / fro(x)), step
+
+    r0, res0 = residual(x)
+    inf = jnp.full_like(res0, jnp.inf)
+    init = (jnp.asarray(0), x, r0, inf, inf)
+    k, x, _, _, _ = lax.while_loop(cond, body, init)
+    _, res = residual(x)
+    sc = jnp.sqrt(c)
+    if not want_inv:
+        return x * sc, jnp.zeros((), a.dtype), k, res
+
+    n = a.shape[-1]
+
+    def inv_res(y):
+        return _max_residual(fro(eye - mm(x, y)) / jnp.sqrt(n))
+
+    def inv_cond(carry):
+        j, _, res, prev = carry
+        return (j < max_steps) & (res > tol) & ~((j >= 8) & (res > 0.5 * prev))
+
+    def inv_body(carry):
+        j, y, res, _ = carry
+        y = sym(y + mm(y, eye - mm(x, y)))
+        return j + 1, y, inv_res(y), res
+
+    inv0 = (jnp.asarray(0), z, inv_res(z), jnp.asarray(jnp.inf, res0.dtype))
+    _, y, _, _ = lax.while_loop(inv_cond, inv_body, inv0)
+    return x * sc, y / sc, k, res

@@ -21,11 +21,12 @@ from jaxtyping import Array, Float
 
 from ._lyapunov import eig_solver, lyapunov_linear_solve, ns_solver
 from ._misc import check_matrix, default_tol, eye_like, fro, mm, mT, sym
-from ._newton_schulz import coupled_sqrt
+from ._newton_schulz import coupled_sqrt, mixed_sqrt
 from ._solution import RESULTS, MatrixFunctionSolution
 
-_METHODS = ("auto", "eigh", "newton_schulz", "pade", "taylor")
+_METHODS = ("auto", "eigh", "newton_schulz", "mixed", "pade", "taylor")
 _BACKWARDS = ("auto", "eigh", "newton_schulz")
+_Method = Literal["auto", "eigh", "newton_schulz", "mixed", "pade", "taylor"]
 
 # Song et al. (ICLR 2022): Taylor polynomial of degree 10 (MTP) and the [5/5] Pade
 # approximant (MPA) of (1 - z)^(+-1/2), applied to z = I - A / ||A||_F.
@@ -107,6 +108,9 @@ def _sqrt_pair(a, *, cfg: _Config):
     elif cfg.method == "newton_schulz":
         x, y, n_steps, ns_res = coupled_sqrt(a, cfg.tol, cfg.max_steps)
         x, y = sym(x), sym(y)
+    elif cfg.method == "mixed":
+        x, y, n_steps, ns_res = mixed_sqrt(a, cfg.tol, cfg.max_steps, cfg.want_inv)
+        y = y if cfg.want_inv else None
     else:
         x, y = _song(a, cfg.method, True, cfg.want_inv)
     zero = jnp.zeros((), a.dtype)
@@ -197,7 +201,8 @@ def _sqrtm_impl(a, name, method, backward, tol, max_steps, throw, full_output, w
     # full_output there; Newton-Schulz is accepted on it.
     xs = jax.lax.stop_gradient(x if want != "inv" else y)
     a_ = jax.lax.stop_gradient(a)
-    if method == "newton_schulz" or full_output:
+    iterative = method in ("newton_schulz", "mixed")
+    if iterative or full_output:
         if want != "inv":
             residual = fro(mm(xs, xs) - a_) / fro(a_)
         else:
@@ -205,7 +210,7 @@ def _sqrtm_impl(a, name, method, backward, tol, max_steps, throw, full_output, w
         residual = jnp.max(residual)
     else:
         residual = None
-    if method == "newton_schulz":
+    if iterative:
         bad = ~(residual <= 10 * eps_half)  # NaN counts as bad
         code = RESULTS.where(
             jnp.asarray(n_steps >= max_steps),
@@ -234,6 +239,23 @@ _DOC_COMMON = r"""
         (Polar Express style), then the classical quintic, to tolerance `tol` or the
         rounding floor. Matmuls only (HIGHEST precision): the GPU method. About 8 steps
         (32 matmuls) for condition numbers up to 1e6.
+    - `"mixed"`: mixed precision, for GPUs whose bfloat16 tensor cores are ~15x
+        faster than float32 at HIGHEST precision. (1) The same coupled iteration in
+        low precision (bfloat16 operands with float32 accumulation for float32 input;
+        float32 for float64 input) on $A/c + \delta I$ ($\delta$ a quarter of the
+        low-precision unit roundoff keeps the rounded matrix definite; polynomial
+        arguments damped by 1.01 as in Polar Express, without which the bfloat16
+        iteration diverges). (2) Newton refinement $X \leftarrow X + E$ with the
+        residual $R = A/c - X^2$ in the working precision (HIGHEST) and
+        $X E + E X = R$ solved by the sign iteration in low precision, until
+        $\|R\|_F/\|A/c\|_F \le$ `tol` or it stops decreasing (2-6 steps).
+        (3) $A^{-1/2}$, when asked for, by Newton–Schulz inversion of $X$ in the
+        working precision from the low-precision $Z$. The refinement corrects the
+        low-precision errors, so the result is as accurate as `"newton_schulz"`
+        (float32, $\kappa \le 10^5$: $\le 6.3 \times 10^{-6}$ measured; the
+        bfloat16-only iteration is 1e-2 wrong). On CPUs bfloat16 is emulated and this
+        method is ~10x slower than `"newton_schulz"`; its GPU speed is not measured
+        yet (see `benchmarks/RESULTS.md`).
     - `"pade"`, `"taylor"`: Song et al.'s MPA ([5/5] Padé) and MTP (degree 10 Taylor)
         of $(1 - z)^{\pm 1/2}$ at $z = I - A/\|A\|_F$, faithful to the paper. They
         are approximations: accurate only when the spectrum of $A/\|A\|_F$ is close to
@@ -271,11 +293,14 @@ _DOC_COMMON = r"""
 """
 
 _ARGS_COMMON = """
-    - `method`: `"auto"`, `"eigh"`, `"newton_schulz"`, `"pade"` or `"taylor"`.
+    - `method`: `"auto"`, `"eigh"`, `"newton_schulz"`, `"mixed"`, `"pade"` or
+        `"taylor"`.
     - `backward`: `"auto"`, `"eigh"` or `"newton_schulz"` (the Lyapunov solve).
-    - `tol`: Newton–Schulz residual tolerance (default `10 eps`; the iteration also
-        stops at its rounding floor).
-    - `max_steps`: Newton–Schulz iteration cap (default 50).
+    - `tol`: Newton–Schulz residual tolerance, or for `"mixed"` the relative residual
+        $\\|A - X^2\\|_F / \\|A\\|_F$ of the refinement (default `10 eps`; the
+        iterations also stop at their rounding floor).
+    - `max_steps`: Newton–Schulz (or `"mixed"` refinement) iteration cap (default
+        50).
     - `throw`: raise on failure (default `True`).
     - `full_output`: return a `MatrixFunctionSolution` instead of the array.
 """
@@ -284,7 +309,7 @@ _ARGS_COMMON = """
 def sqrtm(
     a: Float[Array, "*batch n n"],
     *,
-    method: Literal["auto", "eigh", "newton_schulz", "pade", "taylor"] = "auto",
+    method: _Method = "auto",
     backward: Literal["auto", "eigh", "newton_schulz"] = "auto",
     tol: float | None = None,
     max_steps: int = 50,
@@ -299,7 +324,7 @@ def sqrtm(
 def inv_sqrtm(
     a: Float[Array, "*batch n n"],
     *,
-    method: Literal["auto", "eigh", "newton_schulz", "pade", "taylor"] = "auto",
+    method: _Method = "auto",
     backward: Literal["auto", "eigh", "newton_schulz"] = "auto",
     tol: float | None = None,
     max_steps: int = 50,
@@ -314,7 +339,7 @@ def inv_sqrtm(
 def sqrtm_and_inv_sqrtm(
     a: Float[Array, "*batch n n"],
     *,
-    method: Literal["auto", "eigh", "newton_schulz", "pade", "taylor"] = "auto",
+    method: _Method = "auto",
     backward: Literal["auto", "eigh", "newton_schulz"] = "auto",
     tol: float | None = None,
     max_steps: int = 50,

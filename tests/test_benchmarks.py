@@ -66,10 +66,15 @@ def test_lowrank_benchmark_runs():
         taus_sgd=(0.2,),
         taus_adam=((0.15, 0.35),),
         plots=False,
+        taus_seq=(0.2,),
     )
     rows = {row[0]: row for row in main.rows}
     assert float(rows["dense + Adam"][1].split()[0]) > 30  # learns something
     assert rows["dense + Adam"][3] == 85002
-    for name in ("DLRT SGD tau=0.2", "DLRT Adam cosine tau=(0.15, 0.35)"):
+    for name in (
+        "DLRT SGD tau=0.2",
+        "DLRT Adam cosine tau=(0.15, 0.35)",
+        "DLRT SGD sequential tau=0.2",
+    ):
         assert rows[name][3] < 85002 and rows[name][7] > 0  # params, exported step
     assert len(lora_table.rows) == 3

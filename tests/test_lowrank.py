@@ -455,17 +455,26 @@ def _truncate_dense(w, tau, a_max, b_max):
     return np.einsum("pa,oa,qb,ib,pqs->ois", uo, uo, ui, ui, w), (ro, ri)
 
 
-@pytest.mark.parametrize("kind", ["linear", "tucker"])
-def test_dlrt_step_is_truncated_projected_gradient_step(getkey, kind):
-    """One DLRT (SGD) step equals the dense reference: truncate(W - lr P_T(G))."""
+def _step_problem(getkey, kind, linear_ranks, tucker_ranks):
+    """A low-rank layer (max rank, rank) and the loss sum(sin(W) * target)."""
     if kind == "linear":
-        layer = LowRankLinear(9, 7, max_rank=4, rank=3, key=getkey())
+        max_rank, rank = linear_ranks
+        layer = LowRankLinear(9, 7, max_rank=max_rank, rank=rank, key=getkey())
     else:
-        layer = TuckerConv2d(5, 6, 2, max_rank=(4, 3), rank=(3, 2), key=getkey())
+        max_rank, rank = tucker_ranks
+        layer = TuckerConv2d(5, 6, 2, max_rank=max_rank, rank=rank, key=getkey())
     target = jr.normal(getkey(), layer.weight.shape)
 
     def loss(m):
         return jnp.sum(jnp.sin(m.weight) * target)
+
+    return layer, target, loss
+
+
+@pytest.mark.parametrize("kind", ["linear", "tucker"])
+def test_dlrt_step_is_truncated_projected_gradient_step(getkey, kind):
+    """One DLRT (SGD) step equals the dense reference: truncate(W - lr P_T(G))."""
+    layer, target, loss = _step_problem(getkey, kind, (4, 3), ((4, 3), (3, 2)))
 
     uo, c, ui, mo, mi = layer._tucker()
     ao, ai = int(mo.sum()), int(mi.sum())
@@ -601,3 +610,64 @@ def test_compress_conv_and_spectra(getkey):
     np.testing.assert_allclose(s_full[0][0], so, rtol=1e-8)
     np.testing.assert_allclose(s_full[0][1], si, rtol=1e-8)
     np.testing.assert_allclose(s_full[1], spectra(model)[1], rtol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["linear", "tucker"])
+def test_dlrt_sequential_step_matches_dense_reference(getkey, kind):
+    """DLRT's sequential integrator as two optax calls: (1) the same W in the bases
+    augmented with the projected gradient's directions, ranks doubled; (2) a gradient
+    step on the core with the gradient at the augmented bases, truncated by tau (to at
+    most half the maximum rank)."""
+    layer, target, loss = _step_problem(getkey, kind, (6, 2), ((4, 4), (2, 2)))
+
+    lr, tau = 0.05, 0.2
+    opt = dlrt(lr, tau=tau, variant="sequential")
+    state = opt.init(layer)
+    uo, c, ui, mo, mi = layer._tucker()
+    shape3 = (uo.shape[0], ui.shape[0], c.shape[2])
+    w = np.asarray(layer.weight).reshape(shape3)
+    g = np.asarray(jax.grad(lambda w: jnp.sum(jnp.sin(w) * target))(layer.weight))
+    g = g.reshape(shape3)
+    # call 1: W unchanged, ranks doubled, bases contain [U, P_perp G ...]
+    updates, state = opt.update(eqx.filter_grad(loss)(layer), state, layer)
+    aug = eqx.apply_updates(layer, updates)
+    np.testing.assert_allclose(np.asarray(aug.weight).reshape(shape3), w, atol=1e-12)
+    assert tuple(np.atleast_1d(np.asarray(aug.rank))) == (
+        (4,) if kind == "linear" else (4, 4)
+    )
+    huo, _, hui, hmo, hmi = aug._tucker()
+    huo, hui = np.asarray(huo * hmo), np.asarray(hui * hmi)
+    po, pi = huo @ huo.T, hui @ hui.T
+    ao, ai = int(mo.sum()), int(mi.sum())
+    uo_, ui_ = np.asarray(uo[:, :ao]), np.asarray(ui[:, :ai])
+    # the new output-mode directions: (I - U U^T) mat_o(G x_i U^i^T) on mat_o(C)'s rows
+    mat_c = np.asarray(c)[:ao, :ai].reshape(ao, -1)
+    new_o = (
+        (np.eye(len(po)) - uo_ @ uo_.T)
+        @ np.einsum("ois,ib->obs", g, ui_).reshape(len(po), -1)
+        @ np.linalg.pinv(mat_c)
+    )
+    for span, p in ((uo_, po), (new_o, po), (ui_, pi)):
+        np.testing.assert_allclose(p @ span, span, atol=1e-10)
+    # call 2: the gradient at the augmented layer (same W, so the same G)
+    updates, state = opt.update(eqx.filter_grad(loss)(aug), state, aug)
+    new = eqx.apply_updates(aug, updates)
+    w1 = np.einsum("po,qi,ois->pqs", po, pi, w - lr * g)
+    a_max, b_max = layer._tucker()[1].shape[:2]
+    ref, ref_ranks = _truncate_dense(w1, tau, a_max // 2, b_max // 2)
+    np.testing.assert_allclose(np.asarray(new.weight).reshape(shape3), ref, atol=1e-12)
+    got = np.atleast_1d(np.asarray(new.rank))
+    assert tuple(got) == (ref_ranks[:1] if kind == "linear" else ref_ranks)
+    with pytest.raises(ValueError, match="variant"):
+        dlrt(0.1, variant="serial")
+    with pytest.raises(ValueError, match="sequential"):
+        dlrt(0.1, momentum=0.9, variant="sequential")
+
+
+def test_dlrt_sequential_recovers_rank(getkey):
+    opt = dlrt(0.5, tau=0.05, variant="sequential")
+    layer, _, loss, ranks = _train_teacher(getkey(), opt, 1000)  # 500 DLRT steps
+    assert ranks[-1] == (3,) and max(r[0] for r in ranks) <= 12
+    assert float(loss) < 1e-6
+    eye = jnp.eye(12, dtype=jnp.float32)
+    assert float(jnp.abs(layer.u.T @ layer.u - eye).max()) <= 1e-6

@@ -206,6 +206,55 @@ def _step(layer, grad, mom: _Moments, lr, tau, method, b1, b2, eps, count):
     return new, _Moments(m_new, v)
 
 
+def _augment(layer, grad):
+    """Sequential DLRT, first half (the K- and L-steps' basis update): the same W
+    written exactly in the augmented orthonormal bases orth[U, Y] of both modes, Y the
+    new directions of the projected gradient; ranks min(2r, max_rank)."""
+    p = _point(layer)
+    a, b, _ = p.c.shape
+    xi = _riemannian_grad(p, grad)
+
+    def basis(u, y, mask, r_max):
+        r = jnp.sum(mask).astype(jnp.int32)
+        idx = jnp.arange(r_max, dtype=jnp.int32)
+        room = (idx < r_max - r).astype(y.dtype)
+        # columns [U (r), Y (up to r_max - r), 0, ...]: Y's active columns rolled
+        # behind U's (both are masked to their leading columns)
+        q = _polish(_orth(u + jnp.roll(y * room, r, axis=1)))
+        new_mask = (idx < jnp.minimum(2 * r, r_max)).astype(mask.dtype)
+        return q, new_mask  # all columns orthonormal; the mask selects the active
+
+    uh, mo = basis(p.uo, xi.yo, p.mo, a)
+    vh, mi = basis(p.ui, xi.yi, p.mi, b)
+    c = jnp.einsum("pa,qb,abs->pqs", mm(uh.T, p.uo), mm(vh.T, p.ui), p.c, precision=HI)
+    return layer._with_tucker(uh, c, vh, mo, mi)
+
+
+def _galerkin(layer, grad, lr, tau):
+    """Sequential DLRT, second half (the S-step and truncation): a gradient step on
+    the core with the gradient taken at the augmented bases, then truncation by tau
+    to at most half the maximum rank (so that the next augmentation fits)."""
+    p = _point(layer)
+    a, b, k = p.c.shape
+    gc = grad._tucker()[1] * (p.mo[:, None, None] * p.mi[None, :, None])
+    ch = p.c - lr * gc
+    p_o, p_i, r_o, r_i = _truncate(ch, a, b, tau)
+    r_o, r_i = jnp.minimum(r_o, max(a // 2, 1)), jnp.minimum(r_i, max(b // 2, 1))
+    if k == 1:
+        r_o = r_i = jnp.minimum(r_o, r_i)
+    else:
+        r_o, r_i = jnp.minimum(r_o, r_i * k), jnp.minimum(r_i, r_o * k)
+    dtype = p.mo.dtype
+    new_mo = (jnp.arange(a) < r_o).astype(dtype)
+    new_mi = (jnp.arange(b) < r_i).astype(dtype)
+    new_c = jnp.einsum("pa,qb,pqs->abs", p_o, p_i, ch, precision=HI)
+    new_c = new_c * (new_mo[:, None, None] * new_mi[None, :, None])
+    uo, _, ui, _, _ = layer._tucker()  # all columns orthonormal (p's are masked)
+    return layer._with_tucker(
+        _polish(mm(uo, p_o)), new_c, _polish(mm(ui, p_i)), new_mo, new_mi
+    )
+
+
 def _rest_spec(params):
     """Filter spec of the leaves `dlrt` hands to its inner optimizer: every inexact
     array except the factors and masks of the low-rank layers (their biases
@@ -240,6 +289,7 @@ def dlrt(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    variant: str = "parallel",
 ) -> optax.GradientTransformation:
     r"""Rank-adaptive training of [`LowRankLinear`][jaxdecomp.lowrank.LowRankLinear]
     and [`TuckerConv2d`][jaxdecomp.lowrank.TuckerConv2d] layers, as an optax
@@ -271,6 +321,21 @@ def dlrt(
     optimizer for them, combine with `optax.multi_transform`, labelling the low-rank
     layers for `dlrt`.
 
+    **Variants** (`variant`):
+
+    - `"parallel"` (default, one backward pass per step; GeoLoRA-style): the steps
+      above, the Galerkin core built from the same gradient as the bases.
+    - `"sequential"`: DLRT's own integrator (the rank-adaptive BUG of Ceruti, Kusch &
+      Lubich, as in Schotthöfer et al.'s Algorithm 1), two backward passes per step,
+      as two consecutive `update` calls: the first (K- and L-steps) writes the same
+      $W$ in the augmented bases $\operatorname{orth}[U, Y]$ (ranks doubled; the
+      loss does not change), the second (S-step) takes a gradient step on the
+      augmented core with the gradient *at the augmented bases* and truncates. Ranks
+      are capped at half the layer's maximum rank so that the augmentation fits in
+      the fixed shapes. Plain SGD only (`method="sgd"`, `momentum=0`); the other
+      leaves move on the second call only, and a schedule counts DLRT steps (pairs
+      of calls).
+
     **Arguments:**
 
     - `learning_rate`: the step size $\eta_{lr} > 0$, or an optax schedule
@@ -280,6 +345,7 @@ def dlrt(
         (default 0: plain SGD).
     - `method`: `"sgd"` (default) or `"adam"`.
     - `b1`, `b2`, `eps`: Adam's parameters (`method="adam"`).
+    - `variant`: `"parallel"` (default) or `"sequential"` (see above).
 
     **Optimizer state across basis changes:** the first moment (momentum) is a
     tangent vector of the manifold, stored in the current bases and carried to the
@@ -340,6 +406,16 @@ def dlrt(
     for name, val in (("b1", b1), ("b2", b2)):
         if not 0 <= val < 1:
             raise ValueError(f"dlrt: {name} must be in [0, 1); got {val!r}.")
+    if variant not in ("parallel", "sequential"):
+        raise ValueError(
+            f"dlrt: variant must be 'parallel' or 'sequential'; got {variant!r}."
+        )
+    sequential = variant == "sequential"
+    if sequential and (method != "sgd" or momentum):
+        raise ValueError(
+            "dlrt: variant='sequential' is plain SGD (DLRT's integrator); use the "
+            "parallel variant for momentum or Adam."
+        )
     if method == "adam":
         inner = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
         beta1 = b1
@@ -363,10 +439,20 @@ def dlrt(
             raise ValueError("dlrt: update(grads, state, params) needs params.")
         count = state.count + 1
         spec = _rest_spec(params)
+        # sequential: even calls update the bases, odd calls the cores (and the
+        # other leaves); one DLRT step is two calls, the schedule counts DLRT steps
+        half = state.count % 2 if sequential else None
         with jax.numpy_dtype_promotion("standard"):
-            lr = schedule(state.count)
+            lr = schedule(state.count // 2 if sequential else state.count)
             rest, inner_state = inner.update(
                 eqx.filter(updates, spec), state.inner, eqx.filter(params, spec)
+            )
+        if sequential:  # the other leaves move with the cores only
+            rest = jtu.tree_map(lambda u: u * half.astype(u.dtype), rest)
+            inner_state = jtu.tree_map(
+                lambda new, old: jnp.where(half == 1, new, old),
+                inner_state,
+                state.inner,
             )
         g_leaves, treedef = jtu.tree_flatten(updates, is_leaf=_is_lowrank)
         p_leaves = treedef.flatten_up_to(params)
@@ -375,7 +461,18 @@ def dlrt(
         for g, p, mom in zip(g_leaves, p_leaves, m_leaves):
             if _trainable_lowrank(p):
                 lr_p = jnp.asarray(lr, p._tucker()[1].dtype)
-                new, mom = _step(p, g, mom, lr_p, tau, method, beta1, b2, eps, count)
+                if sequential:
+                    new = jax.lax.cond(
+                        half == 0,
+                        lambda p, g: _augment(p, g),
+                        lambda p, g: _galerkin(p, g, lr_p, tau),
+                        p,
+                        g,
+                    )
+                else:
+                    new, mom = _step(
+                        p, g, mom, lr_p, tau, method, beta1, b2, eps, count
+                    )
                 delta = jtu.tree_map(lambda a, b: a - b, new, p)
                 if p.bias is not None:
                     delta = eqx.tree_at(lambda m: m.bias, delta, None)
