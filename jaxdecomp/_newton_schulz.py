@@ -216,7 +216,11 @@ def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
         k, _, _, step, prev = carry
         # Stop on the size of the correction, not the residual: an error along an
         # eigenvector with a small eigenvalue mu shows in R only as 2 mu E.
-        stalled = (k >= 2) & (step > 0.5 * prev)
+        # Stalled: corrections no longer shrinking (by less than Newton's factor 1/2
+        # while an eigenvalue far below the low-precision shift is being resolved)
+        # and already small (the rounding floor), so that a correction that grows
+        # after the large eigenvalues have converged does not stop the loop.
+        stalled = (k >= 2) & (step > 0.75 * prev) & (step < tol**0.5)
         return (k < max_steps) & (step > tol) & ~stalled
 
     def body(carry):

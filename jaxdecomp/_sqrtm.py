@@ -247,13 +247,17 @@ _DOC_COMMON = r"""
         arguments damped by 1.01 as in Polar Express, without which the bfloat16
         iteration diverges). (2) Newton refinement $X \leftarrow X + E$ with the
         residual $R = A/c - X^2$ in the working precision (HIGHEST) and
-        $X E + E X = R$ solved by the sign iteration in low precision, until
-        $\|R\|_F/\|A/c\|_F \le$ `tol` or it stops decreasing (2-6 steps).
-        (3) $A^{-1/2}$, when asked for, by Newton–Schulz inversion of $X$ in the
-        working precision from the low-precision $Z$. The refinement corrects the
-        low-precision errors, so the result is as accurate as `"newton_schulz"`
-        (float32, $\kappa \le 10^5$: $\le 6.3 \times 10^{-6}$ measured; the
-        bfloat16-only iteration is 1e-2 wrong). On CPUs bfloat16 is emulated and this
+        $X E + E X = R$ solved by the sign iteration in low precision, until the
+        correction $\|E\|_F/\|X\|_F \le$ `tol` or it stops shrinking at the
+        rounding floor (3-9 steps for $\kappa \le 10^5$). (3) $A^{-1/2}$, when asked
+        for, by Newton–Schulz inversion of $X$ in the working precision from the
+        low-precision $Z$. The refinement corrects the low-precision errors, so the
+        result is more accurate than `"newton_schulz"` (float32, $n \le 1024$,
+        $\kappa \le 10^5$: $\le 4.8 \times 10^{-6}$ measured; the bfloat16-only
+        iteration is 1e-2 wrong). Designed, like `"newton_schulz"`, for
+        $\kappa \le 10^6$: beyond it the low-precision correction resolves the
+        smallest eigenvalues slowly (refinement runs up to `max_steps`) and the
+        accuracy along them is not guaranteed. On CPUs bfloat16 is emulated and this
         method is ~10x slower than `"newton_schulz"`; its GPU speed is not measured
         yet (see `benchmarks/RESULTS.md`).
     - `"pade"`, `"taylor"`: Song et al.'s MPA ([5/5] Padé) and MTP (degree 10 Taylor)
