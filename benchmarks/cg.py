@@ -374,7 +374,8 @@ def run(
             and r[2] == "solvers.cg + Jacobi"
         )
         main.notes.append(
-            f"NeuralInverse (U-Net, float32 network, flexible CG), held-out diffusion "
+            f"NeuralInverse (U-Net, float32 network, flexible CG with memory 5), "
+            f"held-out diffusion "
             f"var {VARIANCE} at {n0} x {n0}: {its} iterations (Jacobi: {jac}; the "
             f"untrained model is Jacobi), true rel. residual {res:.2g}; one network "
             f"application {t_apply * 1e3:.2f} ms = {t_apply / t_mv:.0f} matvecs "

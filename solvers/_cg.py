@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import lineax as lx
@@ -63,6 +64,7 @@ def cg(
     atol: float = 0.0,
     max_steps: int | None = None,
     flexible: bool = False,
+    memory: int = 5,
     differentiation: Literal["implicit", "unroll"] = "implicit",
     throw: bool = True,
 ) -> CGSolution:
@@ -72,9 +74,12 @@ def cg(
     With $z_k = M^{-1} r_k$: $\\alpha_k = r_k^T z_k / p_k^T A p_k$,
     $x_{k+1} = x_k + \\alpha_k p_k$, $r_{k+1} = r_k - \\alpha_k A p_k$,
     $p_{k+1} = z_{k+1} + \\beta_k p_k$ with $\\beta_k = r_{k+1}^T z_{k+1} / r_k^T
-    z_k$, or, with `flexible=True` (for preconditioners that change between
-    iterations or are nonlinear, e.g. a neural network), the Polak–Ribière
-    $\\beta_k = r_{k+1}^T (z_{k+1} - z_k) / r_k^T z_k$.
+    z_k$. With `flexible=True` (for preconditioners that change between iterations
+    or are nonlinear, e.g. a neural network): Notay's flexible CG, FCG($m$), which
+    A-orthogonalises each new direction against the last $m$ = `memory` ones,
+    $p_{k+1} = z_{k+1} - \\sum_{j} \\frac{z_{k+1}^T A p_j}{p_j^T A p_j} p_j$,
+    with $\\alpha_k = p_k^T r_k / p_k^T A p_k$ (for a fixed SPD preconditioner this
+    is plain PCG in exact arithmetic). Kaneda et al.'s DCDM is the case $m = 2$.
 
     **Stopping rule** (one rule, used in every benchmark): stop when
     $\\|r_k\\|_2 \\le \\max(\\text{rtol}\\,\\|b\\|_2,\\ \\text{atol})$ for the
@@ -92,7 +97,12 @@ def cg(
         absolute tolerance (default 0).
     - `max_steps`: iteration limit (default $10 n$; static: it sizes the residual
         history buffer).
-    - `flexible`: flexible (Polak–Ribière) CG.
+    - `flexible`: flexible CG, FCG(`memory`).
+    - `memory`: directions kept for A-orthogonalisation in flexible CG (default 5;
+        static; costs `2 memory` vectors of storage and `memory` dot products and
+        updates per step). More memory helps strongly nonlinear preconditioners:
+        the trained `NeuralInverse` needs 432, 226, 134, 94 iterations with 1, 2, 5,
+        10 (Jacobi: 282; the Polak–Ribière variant used before: 506).
     - `differentiation`: `"implicit"` (default): $x = A^{-1}b$ is differentiated as a
         linear solve (`lax.custom_linear_solve`: derivatives with respect to `b` and
         to arrays the operator closes over, forward and reverse mode, any order; each
@@ -158,6 +168,8 @@ def cg(
     max_steps = 10 * n if max_steps is None else max_steps
     if not (isinstance(max_steps, int) and max_steps > 0):
         raise ValueError(f"{fn}: max_steps must be a positive int; got {max_steps}.")
+    if not (isinstance(memory, int) and memory > 0):
+        raise ValueError(f"{fn}: memory must be a positive int; got {memory}.")
     if differentiation not in ("implicit", "unroll"):
         raise ValueError(
             f"{fn}: differentiation must be 'implicit' or 'unroll'; got "
@@ -166,7 +178,9 @@ def cg(
 
     finite_b = jnp.all(jnp.isfinite(b))
     b_safe = jnp.where(finite_b, b, 0)
-    opts = dict(rtol=rtol, atol=atol, max_steps=max_steps, flexible=flexible)
+    opts = dict(
+        rtol=rtol, atol=atol, max_steps=max_steps, flexible=flexible, memory=memory
+    )
 
     if differentiation == "unroll":
         x, (k, norms, converged, rnorm) = cg_loop(
@@ -177,8 +191,16 @@ def cg(
         # which use the same tolerances relative to their own right-hand sides).
         x0_ = lax.stop_gradient(x0)
 
+        # The solution does not depend on the preconditioner, so the arrays it closes
+        # over are constants for differentiation (lax.custom_linear_solve cannot
+        # differentiate with respect to values closed over by `solve`: it fails).
+        precond_const = eqx.filter_closure_convert(precond, b_safe)
+        precond_const = jax.tree_util.tree_map(
+            lambda c: lax.stop_gradient(c) if eqx.is_array(c) else c, precond_const
+        )
+
         def solve(matvec, rhs):
-            y, aux = cg_loop(matvec, precond, rhs, x0_, unroll=False, **opts)
+            y, aux = cg_loop(matvec, precond_const, rhs, x0_, unroll=False, **opts)
             return y, aux
 
         x, (k, norms, converged, rnorm) = lax.custom_linear_solve(

@@ -7,40 +7,64 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 
+from jaxdecomp._misc import mm
 
-def cg_loop(matvec, precond, b, x0, *, rtol, atol, max_steps, flexible, unroll):
+
+def cg_loop(
+    matvec, precond, b, x0, *, rtol, atol, max_steps, flexible, unroll, memory=1
+):
     """The (flexible) preconditioned CG iteration behind `solvers.cg` and the OT
-    solvers' inner solves. Returns `x, (steps, residual_norms, converged, ||r||)`."""
+    solvers' inner solves. Returns `x, (steps, residual_norms, converged, ||r||)`.
+
+    Flexible CG is Notay's FCG(memory): each new direction is A-orthogonalised
+    against the last `memory` directions, kept in fixed-size ring buffers."""
     tol = jnp.maximum(rtol * jnp.linalg.norm(lax.stop_gradient(b)), atol)
     r0 = b - matvec(x0)
     z0 = precond(r0)
     norms0 = jnp.full((max_steps + 1,), jnp.nan, b.dtype)
     norms0 = norms0.at[0].set(jnp.linalg.norm(r0))
-    init = (x0, r0, z0, z0, jnp.vdot(r0, z0), norms0, jnp.array(0), jnp.array(False))
+    m = memory if flexible else 0
+    # ring buffers: directions p_j, A p_j and p_j^T A p_j (1 where empty: no effect)
+    ring = (
+        jnp.zeros((m, b.shape[0]), b.dtype),
+        jnp.zeros((m, b.shape[0]), b.dtype),
+        jnp.ones((m,), b.dtype),
+    )
+    init = (x0, r0, z0, z0, jnp.vdot(r0, z0), ring, norms0, jnp.array(0))
+    init = init + (jnp.array(False),)
 
     def cond(s):
         *_, k, stop = s
         return ~stop & (k < max_steps)
 
     def body(s):
-        x, r, z, p, rz, norms, k, _ = s
+        x, r, z, p, rz, ring, norms, k, _ = s
         ap = matvec(p)
         pap = jnp.vdot(p, ap)
         breakdown = ~(pap > 0) | ~(rz > 0)  # non-SPD operator or preconditioner
-        alpha = jnp.where(breakdown, 0, rz / jnp.where(breakdown, 1, pap))
+        # flexible: alpha = p^T r / p^T A p (= r^T z / p^T A p for a fixed SPD M)
+        num = jnp.vdot(p, r) if flexible else rz
+        alpha = jnp.where(breakdown, 0, num / jnp.where(breakdown, 1, pap))
         # on breakdown keep the last iterate (p may hold NaN from a broken M^{-1})
         x = jnp.where(breakdown, x, x + alpha * p)
         r_new = jnp.where(breakdown, r, r - alpha * ap)
         z_new = precond(r_new)
         rz_new = jnp.vdot(r_new, z_new)
-        # Flexible CG (Polak-Ribiere): beta = <r_new, z_new - z> / <r, z>.
-        num = rz_new - jnp.vdot(r_new, z) if flexible else rz_new
-        beta = jnp.where(breakdown, 0, num / jnp.where(breakdown, 1, rz))
-        p = z_new + beta * p
+        if flexible:
+            ps, aps, paps = ring
+            i = k % m
+            ps, aps = ps.at[i].set(p), aps.at[i].set(ap)
+            paps = paps.at[i].set(jnp.where(breakdown, 1, pap))
+            ring = (ps, aps, paps)
+            coef = mm(aps, z_new) / paps
+            p = z_new - mm(coef, ps)
+        else:
+            beta = jnp.where(breakdown, 0, rz_new / jnp.where(breakdown, 1, rz))
+            p = z_new + beta * p
         norm = jnp.linalg.norm(r_new)
         norms = norms.at[k + 1].set(norm)
         stop = (norm <= tol) | breakdown | ~jnp.isfinite(norm)
-        return x, r_new, z_new, p, rz_new, norms, k + 1, stop
+        return x, r_new, z_new, p, rz_new, ring, norms, k + 1, stop
 
     if unroll:
         out = eqx.internal.while_loop(
@@ -48,7 +72,7 @@ def cg_loop(matvec, precond, b, x0, *, rtol, atol, max_steps, flexible, unroll):
         )
     else:
         out = lax.while_loop(cond, body, init)
-    x, r, _, _, _, norms, k, _ = out
+    x, r, _, _, _, _, norms, k, _ = out
     # the stop flag also fires on breakdown; convergence is judged on the residual
     return x, (k, norms, jnp.linalg.norm(r) <= tol, jnp.linalg.norm(r))
 

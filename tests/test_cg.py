@@ -36,6 +36,45 @@ def test_solves_against_numpy(kind, flexible):
     assert norms[k] <= 1e-12 * np.linalg.norm(b) and bool(sol.converged)
 
 
+def test_flexible_cg_memory():
+    """FCG(m): with a fixed SPD preconditioner it takes PCG's iterations; with a
+    nonlinear one and full memory (every direction A-orthogonal to all previous
+    ones) it terminates within n steps like a direct method, while short memory
+    does not."""
+    a, b = spd_system(n=24, seed=3)
+    d = jnp.diag(a)
+
+    def solve(m, memory, flexible=True):
+        f = jax.jit(
+            lambda b: solvers.cg(
+                a,
+                b,
+                preconditioner=m,
+                rtol=1e-10,
+                max_steps=400,
+                flexible=flexible,
+                memory=memory,
+            )
+        )
+        return f(b)
+
+    jacobi = lambda r: r / d  # noqa: E731
+    plain = solve(jacobi, 1, flexible=False)
+    for memory in (1, 3):
+        assert abs(int(solve(jacobi, memory).n_steps) - int(plain.n_steps)) <= 1
+
+    def nonlinear(r):  # positively homogeneous, SPD-ish but not linear
+        s = jnp.linalg.norm(r)
+        return r / d * (1.0 + 0.9 * jnp.tanh(4.0 * r / s))
+
+    full = solve(nonlinear, 24)
+    np.testing.assert_allclose(full.x, np.linalg.solve(a, b), rtol=1e-8)
+    assert int(full.n_steps) <= 24 + 2
+    assert int(solve(nonlinear, 1).n_steps) > int(full.n_steps)
+    with pytest.raises(ValueError, match="memory"):
+        solvers.cg(a, b, flexible=True, memory=0)
+
+
 def test_preconditioner_reduces_iterations():
     n = 200
     diag = np.geomspace(1.0, 1e4, n)
@@ -170,3 +209,40 @@ def test_diffusion_problems():
         solvers.problems.Diffusion2D(jnp.ones((3, 3)), jnp.ones((3, 4)))
     with pytest.raises(ValueError, match="variance"):
         solvers.problems.diffusion_2d(jax.random.key(0), 8, variance=-1.0)
+
+
+def test_preconditioner_parameters_are_constants_for_implicit_derivatives():
+    # x = A^{-1} b does not depend on the preconditioner: with the implicit rule its
+    # parameters get an exact zero derivative (both modes), including parameters
+    # that only a callable closes over; unrolled, the derivative is rounding noise.
+    a, b = spd_system(n=10, seed=4)
+
+    def solve(w, mode="implicit", flexible=False):
+        return solvers.cg(
+            a,
+            b,
+            preconditioner=lambda r: r * w,
+            rtol=1e-12,
+            differentiation=mode,
+            flexible=flexible,
+        ).x
+
+    w = jnp.ones(10)
+    for flexible in (False, True):
+        f = jax.jit(lambda w, flexible=flexible: jnp.sum(solve(w, flexible=flexible)))
+        assert float(jnp.abs(jax.grad(f)(w)).max()) == 0.0
+        _, tangent = jax.jvp(f, (w,), (jnp.ones(10),))
+        assert float(tangent) == 0.0
+    unrolled = jax.grad(lambda w: jnp.sum(solve(w, "unroll", True)))(w)
+    assert float(jnp.abs(unrolled).max()) < 1e-9
+    # a preconditioner built from the differentiated operator: the derivative is the
+    # operator's alone (as without preconditioner)
+    op = solvers.problems.diffusion_2d(jax.random.key(0), 8, variance=1.0)
+
+    def loss(kx, precondition):
+        o = solvers.problems.Diffusion2D(kx, op.ky)
+        m = solvers.IncompleteCholesky(o.to_sparse()) if precondition else None
+        return jnp.sum(solvers.cg(o, jnp.ones(64), preconditioner=m, rtol=1e-12).x ** 2)
+
+    g = jax.jit(jax.grad(loss), static_argnums=1)
+    np.testing.assert_allclose(g(op.kx, True), g(op.kx, False), rtol=1e-8, atol=1e-12)

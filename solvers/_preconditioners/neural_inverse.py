@@ -52,11 +52,13 @@ class NeuralInverse(eqx.Module):
     scale-invariant [`solvers.a_norm_loss`][] (Kaneda et al.) on problems `(op, x, b)`.
 
     Not linear and not guaranteed positive definite: use flexible CG, which reports
-    `not_spd` if a direction fails ($r^T M^{-1}(r) \\le 0$). Measured
-    (`python -m benchmarks cg`): trained on 64 x 64 fields it lowers the loss from
-    0.50 to 0.17 yet needs *more* flexible-CG iterations than the Jacobi it starts
-    from (506 vs 282 at 64 x 64), and one application costs ~30 matvecs on a CPU;
-    prefer [`solvers.NeuralIC`][] or [`solvers.NeuralFSAI`][] for now.
+    `not_spd` if a direction fails ($r^T M^{-1}(r) \\le 0$). Its directions must be
+    A-orthogonalised against several previous ones, as in Kaneda et al.'s DCDM:
+    measured (`python -m benchmarks cg`, trained on 64 x 64 fields, loss 0.50 ->
+    0.17, held-out 64 x 64 field), flexible CG needs 432, 226, 134 and 94
+    iterations with `memory` = 1, 2, 5 (the default) and 10, against 282 for
+    Jacobi, 86 for IC(0) and 58 for NeuralIC. One application costs ~30 matvecs on
+    a CPU, so on a CPU it does not pay in time.
 
     **Arguments:** `key` (PRNG key), `width` (default 16), `levels` (default 3),
     `dtype` of the parameters and of the network's arithmetic (default float32, also
