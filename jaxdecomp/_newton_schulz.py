@@ -234,8 +234,8 @@ def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
     r0, res0 = residual(x)
     inf = jnp.full_like(res0, jnp.inf)
     init = (jnp.asarray(0), x, r0, inf, inf)
-    k, x, _, _, _ = lax.while_loop(cond, body, init)
-    _, res = residual(x)
+    k, x, r, _, _ = lax.while_loop(cond, body, init)
+    res = _max_residual(fro(r) / norm)
     sc = jnp.sqrt(c)
     if not want_inv:
         return x * sc, jnp.zeros((), a.dtype), k, res

@@ -30,8 +30,8 @@ def cg_loop(
         jnp.zeros((m, b.shape[0]), b.dtype),
         jnp.ones((m,), b.dtype),
     )
-    init = (x0, r0, z0, z0, jnp.vdot(r0, z0), ring, norms0, jnp.array(0))
-    init = init + (jnp.array(False),)
+    rz0 = jnp.vdot(r0, z0)
+    init = (x0, r0, z0, z0, rz0, ring, norms0, jnp.array(0), jnp.array(False))
 
     def cond(s):
         *_, k, stop = s

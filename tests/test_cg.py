@@ -63,14 +63,37 @@ def test_flexible_cg_memory():
     for memory in (1, 3):
         assert abs(int(solve(jacobi, memory).n_steps) - int(plain.n_steps)) <= 1
 
-    def nonlinear(r):  # positively homogeneous, SPD-ish but not linear
-        s = jnp.linalg.norm(r)
-        return r / d * (1.0 + 0.9 * jnp.tanh(4.0 * r / s))
+    def nonlinear_jacobi(d):  # positively homogeneous, r^T M(r) > 0, not linear
+        def apply(r):
+            s = jnp.linalg.norm(r)
+            return r / d * (1.0 + 0.9 * jnp.tanh(4.0 * r / s))
+
+        return apply
+
+    nonlinear = nonlinear_jacobi(d)
 
     full = solve(nonlinear, 24)
     np.testing.assert_allclose(full.x, np.linalg.solve(a, b), rtol=1e-8)
     assert int(full.n_steps) <= 24 + 2
     assert int(solve(nonlinear, 1).n_steps) > int(full.n_steps)
+    # derivatives (float64, both modes, order 2) and vmap of the flexible solve
+    a8, b8 = spd_system(n=8, seed=5)
+
+    def flex(a, b):
+        return solvers.cg(
+            0.5 * (a + a.T),
+            b,
+            rtol=1e-13,
+            flexible=True,
+            memory=3,
+            preconditioner=nonlinear_jacobi(jnp.diag(a)),
+        ).x
+
+    check_grads(jax.jit(flex), (a8, b8), order=2, modes=("fwd", "rev"))
+    bs = jnp.stack([b8, 2 * b8 + 1, -b8])
+    f = jax.jit(lambda b: flex(a8, b))
+    looped = jnp.stack([f(x) for x in bs])
+    np.testing.assert_allclose(jax.jit(jax.vmap(f))(bs), looped, rtol=1e-10)
     with pytest.raises(ValueError, match="memory"):
         solvers.cg(a, b, flexible=True, memory=0)
 

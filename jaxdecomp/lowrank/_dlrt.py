@@ -148,20 +148,37 @@ def _zero_moments(layer) -> _Moments:
     return _Moments(zero, jnp.zeros((), c.dtype))
 
 
-def _truncate(ch, a_max, b_max, tau):
-    """HOSVD truncation of the augmented core: (P_o, P_i, rank_o, rank_i)."""
+def _truncate(ch, a_max, b_max, tau, caps=None):
+    """HOSVD truncation of the augmented core: (P_o, P_i, rank_o, rank_i), ranks at
+    most `caps` (default: the layer's maximum ranks a_max, b_max)."""
+    cap_o, cap_i = (a_max, b_max) if caps is None else caps
     k = ch.shape[2]
     if k == 1:  # a matrix: one SVD, one rank for both modes
         p, sigma, qt = jnp.linalg.svd(ch[:, :, 0], full_matrices=False)
-        r = truncation_rank(sigma, tau, a_max)
+        r = truncation_rank(sigma, tau, min(cap_o, cap_i))
         return p[:, :a_max], qt[:b_max].T, r, r
     po, so, _ = jnp.linalg.svd(_mat_o(ch), full_matrices=False)
     pi, si, _ = jnp.linalg.svd(_mat_i(ch), full_matrices=False)
-    ro = truncation_rank(so, tau, a_max)
-    ri = truncation_rank(si, tau, b_max)
+    ro = truncation_rank(so, tau, cap_o)
+    ri = truncation_rank(si, tau, cap_i)
     ro = jnp.minimum(ro, ri * k)  # valid Tucker-2 ranks
     ri = jnp.minimum(ri, ro * k)
     return po[:, :a_max], pi[:, :b_max], ro, ri
+
+
+def _truncated(layer, uo, ui, ch, tau, caps=None):
+    """The layer at the truncation of core `ch` in the orthonormal bases `uo`, `ui`
+    (columns beyond the active ones included): W = ch x_o uo x_i ui, truncated."""
+    a, b = layer._tucker()[1].shape[:2]
+    p_o, p_i, r_o, r_i = _truncate(ch, a, b, tau, caps)
+    dtype = layer._tucker()[3].dtype
+    new_mo = (jnp.arange(a) < r_o).astype(dtype)
+    new_mi = (jnp.arange(b) < r_i).astype(dtype)
+    new_c = jnp.einsum("pa,qb,pqs->abs", p_o, p_i, ch, precision=HI)
+    new_c = new_c * (new_mo[:, None, None] * new_mi[None, :, None])
+    return layer._with_tucker(
+        _polish(mm(uo, p_o)), new_c, _polish(mm(ui, p_i)), new_mo, new_mi
+    )
 
 
 def _step(layer, grad, mom: _Moments, lr, tau, method, b1, b2, eps, count):
@@ -192,15 +209,7 @@ def _step(layer, grad, mom: _Moments, lr, tau, method, b1, b2, eps, count):
         jnp.einsum("pa,abs,qb->pqs", pyo, p.qo, pi, precision=HI)
         + jnp.einsum("pa,qb,bas->pqs", po, pyi, p.qi, precision=HI)
     )
-    p_o, p_i, r_o, r_i = _truncate(ch, a, b, tau)
-    dtype = p.mo.dtype
-    new_mo = (jnp.arange(a) < r_o).astype(dtype)
-    new_mi = (jnp.arange(b) < r_i).astype(dtype)
-    new_c = jnp.einsum("pa,qb,pqs->abs", p_o, p_i, ch, precision=HI)
-    new_c = new_c * (new_mo[:, None, None] * new_mi[None, :, None])
-    new = layer._with_tucker(
-        _polish(mm(uh, p_o)), new_c, _polish(mm(vh, p_i)), new_mo, new_mi
-    )
+    new = _truncated(layer, uh, vh, ch, tau)
     # Transport the first moment to the new point by projection.
     m_new = _project(_point(new), _dense(p, m))
     return new, _Moments(m_new, v)
@@ -234,25 +243,11 @@ def _galerkin(layer, grad, lr, tau):
     """Sequential DLRT, second half (the S-step and truncation): a gradient step on
     the core with the gradient taken at the augmented bases, then truncation by tau
     to at most half the maximum rank (so that the next augmentation fits)."""
-    p = _point(layer)
-    a, b, k = p.c.shape
-    gc = grad._tucker()[1] * (p.mo[:, None, None] * p.mi[None, :, None])
-    ch = p.c - lr * gc
-    p_o, p_i, r_o, r_i = _truncate(ch, a, b, tau)
-    r_o, r_i = jnp.minimum(r_o, max(a // 2, 1)), jnp.minimum(r_i, max(b // 2, 1))
-    if k == 1:
-        r_o = r_i = jnp.minimum(r_o, r_i)
-    else:
-        r_o, r_i = jnp.minimum(r_o, r_i * k), jnp.minimum(r_i, r_o * k)
-    dtype = p.mo.dtype
-    new_mo = (jnp.arange(a) < r_o).astype(dtype)
-    new_mi = (jnp.arange(b) < r_i).astype(dtype)
-    new_c = jnp.einsum("pa,qb,pqs->abs", p_o, p_i, ch, precision=HI)
-    new_c = new_c * (new_mo[:, None, None] * new_mi[None, :, None])
-    uo, _, ui, _, _ = layer._tucker()  # all columns orthonormal (p's are masked)
-    return layer._with_tucker(
-        _polish(mm(uo, p_o)), new_c, _polish(mm(ui, p_i)), new_mo, new_mi
-    )
+    uo, c, ui, mo, mi = layer._tucker()  # all basis columns orthonormal
+    mask = mo[:, None, None] * mi[None, :, None]
+    ch = (c - lr * grad._tucker()[1]) * mask
+    a, b = c.shape[:2]
+    return _truncated(layer, uo, ui, ch, tau, (max(a // 2, 1), max(b // 2, 1)))
 
 
 def _rest_spec(params):
@@ -464,7 +459,7 @@ def dlrt(
                 if sequential:
                     new = jax.lax.cond(
                         half == 0,
-                        lambda p, g: _augment(p, g),
+                        _augment,
                         lambda p, g: _galerkin(p, g, lr_p, tau),
                         p,
                         g,
