@@ -87,7 +87,7 @@ def train_models(
     return out
 
 
-def _jax_preconditioners(trained):
+def _jax_preconditioners(trained, methods=None):
     out = {
         "none": None,
         "Jacobi": solvers.Jacobi,
@@ -99,6 +99,8 @@ def _jax_preconditioners(trained):
     for name, (model, _, _) in trained.items():
         if name != "NeuralInverse":  # measured apart: see _neural_inverse_row
             out[f"{name} (trained 64x64)"] = lambda op, m=model: m(op.to_sparse())
+    if methods is not None:
+        out = {k: v for k, v in out.items() if k in methods}
     return out
 
 
@@ -126,7 +128,7 @@ def _neural_inverse_row(model, op, rtol):
     return int(sol.n_steps), t_apply, t_mv, res
 
 
-def _run_problem(op, dtype, rtol, trained, anchors, histories):
+def _run_problem(op, dtype, rtol, trained, anchors, histories, methods=None):
     """Rows `(method, iterations, setup, solve, true residual)` for one problem."""
     n = op.n
     size = n**op.ndim
@@ -143,7 +145,7 @@ def _run_problem(op, dtype, rtol, trained, anchors, histories):
             op, b, preconditioner=m, rtol=rtol, max_steps=max_steps, throw=False
         )
     )
-    for name, make in _jax_preconditioners(trained).items():
+    for name, make in _jax_preconditioners(trained, methods).items():
         if make is None:
             m, setup = None, 0.0
         else:
@@ -243,7 +245,12 @@ def run(
     plots: bool = True,
     variances=(VARIANCE, 2 * VARIANCE),
     sizes_3d=None,
+    methods=None,
+    host_anchors: bool = True,
 ):
+    """`methods` restricts the `solvers.cg` rows to these preconditioner names
+    (e.g. no IC-type triangular solves at 2048^2 on a GPU); `host_anchors=False`
+    skips SciPy CG and PyAMG."""
     dtype, rtol = _setting()
     if sizes_3d is None:
         if jax.default_backend() == "gpu":
@@ -256,7 +263,8 @@ def run(
         else:
             sizes = (64, 128, 256, 512) if full else (64, 128, 256)
     anchors = tuple(
-        optional_import(m) for m in ("scipy.sparse", "scipy.sparse.linalg", "pyamg")
+        optional_import(m) if host_anchors else None
+        for m in ("scipy.sparse", "scipy.sparse.linalg", "pyamg")
     )
     trained = train_models(n=train_n, steps=train_steps, dtype=dtype)
     print("  trained " + ", ".join(f"{k} ({v[1]:.0f} s)" for k, v in trained.items()))
@@ -296,10 +304,14 @@ def run(
         problems["Poisson"] = solvers.problems.poisson_2d(n, dtype)
         for pname, op in problems.items():
             hist: dict[str, np.ndarray] = {}
-            rows = _run_problem(op, dtype, rtol, trained, anchors, hist)
+            rows = _run_problem(op, dtype, rtol, trained, anchors, hist, methods)
             _add_rows(main, pname, f"{n} x {n}", op, rows)
             its = {r[0]: r[1] for r in rows}
-            if pname.startswith("diffusion"):
+            gen_cols = ("Jacobi", "NeuralFSAI (trained 64x64)", "IC(0)")
+            gen_cols += ("NeuralIC (trained 64x64)",)
+            if pname.startswith("diffusion") and all(
+                f"solvers.cg + {c}" in its for c in gen_cols
+            ):
                 ic = its["solvers.cg + IC(0)"]
                 nic = its["solvers.cg + NeuralIC (trained 64x64)"]
                 var = float(pname.split()[-1])
@@ -327,7 +339,7 @@ def run(
             "3-D Poisson": solvers.problems.poisson_3d(n, dtype),
         }
         for pname, op in problems.items():
-            rows = _run_problem(op, dtype, rtol, trained, anchors, {})
+            rows = _run_problem(op, dtype, rtol, trained, anchors, {}, methods)
             _add_rows(three_d, pname, f"{n}^3", op, rows)
             print(f"  done {pname} n={n}", flush=True)
     three_d.notes.append(
@@ -358,7 +370,7 @@ def run(
         + ". The model names say the training grid; the same weights run on every "
         "size.",
     ]
-    if "NeuralInverse" in trained and sizes:
+    if "NeuralInverse" in trained and sizes and methods is None:
         n0 = sizes[0]
         op = solvers.problems.diffusion_2d(
             jax.random.key(HELD_OUT + n0), n0, variance=VARIANCE, dtype=dtype
@@ -401,4 +413,4 @@ def run(
 
         save_figure(PLOT_DIR / "cg_iterations.png", draw_iterations)
         save_figure(PLOT_DIR / "cg_residuals.png", draw_histories)
-    return [main, gen] + ([three_d] if sizes_3d else [])
+    return [main] + ([gen] if gen.rows else []) + ([three_d] if sizes_3d else [])

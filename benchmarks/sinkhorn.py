@@ -43,23 +43,27 @@ def _err_from_potentials(c, f, g, eps):
     return max(np.abs(p.sum(1) - 1 / n).sum(), np.abs(p.sum(0) - 1 / m).sum())
 
 
-def _ours(name, eps, tol):
+def _ours(name, eps, tol, max_steps=MAX_STEPS):
     if name == "sinkhorn":
         return lambda geom: solvers.sinkhorn(
-            geom, epsilon=eps, tol=tol, max_steps=MAX_STEPS, throw=False
+            geom, epsilon=eps, tol=tol, max_steps=max_steps, throw=False
         )
     if name == "sinkhorn momentum 1.8":
         return lambda geom: solvers.sinkhorn(
-            geom, epsilon=eps, tol=tol, max_steps=MAX_STEPS, momentum=1.8, throw=False
+            geom, epsilon=eps, tol=tol, max_steps=max_steps, momentum=1.8, throw=False
         )
     if name == "sinkhorn_newton (dense)":
         return lambda geom: solvers.sinkhorn_newton(
             geom, epsilon=eps, tol=tol, throw=False
         )
+    if name == "sinkhorn_newton (sparse, k=64)":
+        return lambda geom: solvers.sinkhorn_newton(
+            geom, epsilon=eps, tol=tol, hessian="sparse", k=64, throw=False
+        )
     raise KeyError(name)
 
 
-def _ott_variants(ott_ok):
+def _ott_variants(ott_ok, max_steps=MAX_STEPS):
     if not ott_ok:
         return {}
     from ott.geometry import epsilon_scheduler
@@ -67,7 +71,7 @@ def _ott_variants(ott_ok):
 
     def make(**kw):
         return lambda tol: ott_sinkhorn.Sinkhorn(
-            threshold=tol, max_iterations=MAX_STEPS, **kw
+            threshold=tol, max_iterations=max_steps, **kw
         )
 
     return {
@@ -110,13 +114,24 @@ def _run_ott(variants, name, x, y, eps, tol):
     return t, int(n_iters), _err_from_potentials(c, f, g, eps)
 
 
-def run(full: bool = False):
-    sizes = (1000, 4000, 10000) if full else (1000,)
-    if full and jax.default_backend() == "cpu":
-        sizes = (1000, 4000)
+def run(
+    full: bool = False,
+    sizes=None,
+    dtypes=("float32", "float64"),
+    epsilons=(1e-2, 1e-3, 1e-4),
+    curves: bool = True,
+    max_steps: int = MAX_STEPS,
+):
+    """`sizes`, `dtypes`, `epsilons` restrict the grid (e.g. one size on a CPU);
+    `curves=False` skips the convergence plot; `max_steps` caps the Sinkhorn
+    iterations (ours and OTT-JAX's; Newton keeps its own default)."""
+    if sizes is None:
+        sizes = (1000, 4000, 10000) if full else (1000,)
+        if full and jax.default_backend() == "cpu":
+            sizes = (1000, 4000)
     ott_ok = optional_import("ott") is not None
     pot = optional_import("ot")
-    ott_variants = _ott_variants(ott_ok)
+    ott_variants = _ott_variants(ott_ok, max_steps)
     table = Table(
         "Entropic OT on 2-D uniform point clouds (median time, jit, after warm-up)",
         [
@@ -131,16 +146,21 @@ def run(full: bool = False):
             "time / OTT plain",
         ],
     )
-    ours = ["sinkhorn", "sinkhorn momentum 1.8", "sinkhorn_newton (dense)"]
+    ours = [
+        "sinkhorn",
+        "sinkhorn momentum 1.8",
+        "sinkhorn_newton (dense)",
+        "sinkhorn_newton (sparse, k=64)",
+    ]
     for n in sizes:
-        for dtype in ("float32", "float64"):
-            for eps in (1e-2, 1e-3, 1e-4):
+        for dtype in dtypes:
+            for eps in epsilons:
                 tol = TOL[dtype]
                 x, y = _points(n, dtype)
                 geom = solvers.PointCloud(x, y)
                 rows = []
                 for name in ours:
-                    fn = jax.jit(_ours(name, eps, tol))
+                    fn = jax.jit(_ours(name, eps, tol, max_steps))
                     t = time_fn(fn, geom, repeats=3, long_s=1.0)
                     out = fn(geom)
                     err = _err_from_potentials(out.cost_matrix, out.f, out.g, eps)
@@ -189,15 +209,14 @@ def run(full: bool = False):
                 print(f"  done n={n} {dtype} eps={eps}", flush=True)
     table.notes.append(
         f"Tolerance: L1 marginal error {TOL['float32']:g} (float32), "
-        f"{TOL['float64']:g} (float64); iteration cap {MAX_STEPS} (POT: 5000, n <= "
+        f"{TOL['float64']:g} (float64); iteration cap {max_steps} (POT: 5000, n <= "
         "1000 and float64 only). 'marginal L1 error' is recomputed in float64 from "
         "the returned potentials (the max over rows and columns); 'converged' compares "
         "it with the tolerance. OTT-JAX counts iterations in blocks of 10."
     )
     tables = [table]
-    curves = convergence_curves(ott_variants)
-    if curves is not None:
-        tables.append(curves)
+    if curves:
+        tables.append(convergence_curves(ott_variants))
     return tables
 
 
@@ -241,6 +260,12 @@ def convergence_curves(ott_variants, n=1000, eps=1e-3):
         "jaxdecomp sinkhorn_newton",
         lambda g, k: solvers.sinkhorn_newton(
             g, epsilon=eps, tol=1e-9, max_steps=k, throw=False
+        ),
+    )
+    ours(
+        "jaxdecomp sinkhorn_newton (sparse, k=64)",
+        lambda g, k: solvers.sinkhorn_newton(
+            g, epsilon=eps, tol=1e-9, max_steps=k, hessian="sparse", k=64, throw=False
         ),
     )
     if ott_variants:

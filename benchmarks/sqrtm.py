@@ -194,12 +194,13 @@ def accuracy_tables(full, cands):
     return tables
 
 
-def timing_table(full, cands):
-    configs = (
-        [(256, 32), (256, 64), (256, 128), (256, 256), (64, 512)]
-        if full
-        else [(32, 32), (32, 64), (16, 128)]
-    )
+def timing_table(full, cands, configs=None, plot=True):
+    if configs is None:
+        configs = (
+            [(256, 32), (256, 64), (256, 128), (256, 256), (64, 512)]
+            if full
+            else [(32, 32), (32, 64), (16, 128)]
+        )
     song = _song_anchor()
     timing = Table(
         "sqrtm forward+backward time, float32, kappa=1e3 (jit, median after warm-up)",
@@ -247,9 +248,10 @@ def timing_table(full, cands):
             timing.add(f"{batch} x {n}", name, 1e3 * t, t / t_eigh, err, gerr)
     timing.notes.append(
         "pade/taylor (and OTT-JAX on CPU) are timed up to n = 128 only. "
-        "'auto' picks eigh on CPU and newton_schulz on GPU for n >= 32."
+        "'auto' picks eigh on every backend."
     )
-    _plot(timing)
+    if plot:
+        _plot(timing)
     return timing
 
 

@@ -136,7 +136,7 @@ def solve(
 
 def _finish(f, g, c, a, b, eps, aux, result, tol, throw):
     """Gauge-fix, build the solution, and raise on failure if `throw`."""
-    n_steps, n_newton, error = aux
+    n_steps, n_newton, error, stalled = aux
     f, g = gauge(f, g, a, b)
     finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
     converged = jnp.max(error) <= tol
@@ -144,7 +144,11 @@ def _finish(f, g, c, a, b, eps, aux, result, tol, throw):
         result == RESULTS.successful,
         RESULTS.where(
             finite,
-            RESULTS.where(converged, RESULTS.successful, RESULTS.max_steps_reached),
+            RESULTS.where(
+                converged,
+                RESULTS.successful,
+                RESULTS.where(stalled, RESULTS.stalled, RESULTS.max_steps_reached),
+            ),
             RESULTS.nonfinite_output,
         ),
         result,

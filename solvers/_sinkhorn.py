@@ -65,7 +65,7 @@ def _sinkhorn_loop(c, a, b, eps, *, tol, max_steps, momentum, eps_init, decay, u
         f = eps * log_a + f_hat(g, c, eps)
     error = _marginal_errors(f, g, c, a, b, eps)
     error = jnp.where(e <= eps, error, jnp.inf)  # never reached the target epsilon
-    return f, g, (steps, jnp.array(0), error)
+    return f, g, (steps, jnp.array(0), error, jnp.array(False))
 
 
 def sinkhorn(

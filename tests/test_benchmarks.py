@@ -1,9 +1,10 @@
 """The benchmark runner and harness work (tiny sizes; timings are not asserted)."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import _harness, cg, implicit, lowrank
+from benchmarks import _harness, cg, implicit, lowrank, sinkhorn
 from benchmarks.__main__ import main
 
 
@@ -15,6 +16,28 @@ def test_table_and_timer():
     md = t.markdown()
     assert "| a | b |" in md and "1.50e-05" in md
     assert _harness.time_fn(lambda: jnp.ones(3), repeats=2) >= 0
+    calls = []
+    fn = jax.jit(lambda x: x + 1)
+    # a jitted function is compiled ahead of time; a run longer than long_s is
+    # timed once, with no separate warm-up run
+    assert _harness.time_fn(fn, jnp.ones(3), repeats=3, long_s=0.0) >= 0
+    _harness.time_fn(lambda: calls.append(1), repeats=3, long_s=0.0)
+    assert len(calls) == 2  # not jitted: warm-up, then one (long) timed run
+
+
+def test_sinkhorn_benchmark_runs_and_converges():
+    (table,) = sinkhorn.run(
+        sizes=(150,), dtypes=("float64",), epsilons=(1e-2,), curves=False
+    )
+    rows = {row[3]: row for row in table.rows}
+    for name in (
+        "sinkhorn",
+        "sinkhorn momentum 1.8",
+        "sinkhorn_newton (dense)",
+        "sinkhorn_newton (sparse, k=64)",
+    ):
+        assert rows[f"jaxdecomp {name}"][7] == "yes"  # measured marginal error
+        assert rows[f"jaxdecomp {name}"][6] <= sinkhorn.TOL["float64"]
 
 
 def test_implicit_benchmark_runs_and_is_accurate():
@@ -78,3 +101,18 @@ def test_lowrank_benchmark_runs():
     ):
         assert rows[name][3] < 85002 and rows[name][7] > 0  # params, exported step
     assert len(lora_table.rows) == 3
+
+
+@pytest.mark.slow  # compiles every GPU-run method at tiny sizes; run with --runslow
+def test_gpu_benchmark_runs_at_tiny_sizes(monkeypatch):
+    from benchmarks import gpu
+
+    monkeypatch.setenv("GPU_SMALL", "1")
+    tables = gpu.run()
+    titles = [t.title for t in tables]
+    assert any("sqrtm forward+backward" in t for t in titles)
+    assert any("Entropic OT" in t for t in titles)
+    assert any(t.startswith("CG to relative residual") for t in titles)
+    cg_rows = next(t for t in tables if t.title.startswith("CG to")).rows
+    methods = {row[2] for row in cg_rows}
+    assert "solvers.cg + IC(0)" not in methods and "solvers.cg + Jacobi" in methods

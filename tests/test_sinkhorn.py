@@ -11,6 +11,7 @@ import pytest
 from jax.test_util import check_grads
 
 import solvers
+from solvers._sinkhorn_newton import _dense_system, _select_rows, _sparse_system
 
 from .helpers import finite_difference_jvp
 
@@ -21,7 +22,7 @@ SOLVERS = {
     ),
     "newton_dense": solvers.sinkhorn_newton,
     "newton_sparse": lambda *args, **kw: solvers.sinkhorn_newton(
-        *args, hessian="sparse", k=8, **kw
+        *args, hessian="sparse", k=16, **kw
     ),
 }
 
@@ -205,7 +206,7 @@ def test_danskin_and_unrolled_agree_with_implicit():
     np.testing.assert_allclose(grad_c, out.plan(), atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["sinkhorn", "newton_dense"])
+@pytest.mark.parametrize("name", ["sinkhorn", "newton_dense", "newton_sparse"])
 def test_vmap_matches_loop_and_jit_does_not_retrace(name):
     solver = SOLVERS[name]
     xs = jnp.stack([jnp.asarray(problem(12, 15, seed=s)[0]) for s in range(3)])
@@ -228,13 +229,13 @@ def test_vmap_matches_loop_and_jit_does_not_retrace(name):
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_float32(name):
     x, y, a, b = problem(60, 70, dtype=np.float32)
-    out = jax.jit(lambda *args: SOLVERS[name](*args, epsilon=0.01, tol=1e-5))(
+    out = jax.jit(lambda *args: SOLVERS[name](*args, epsilon=0.01, tol=1e-6))(
         solvers.PointCloud(jnp.asarray(x), jnp.asarray(y)),
         jnp.asarray(a),
         jnp.asarray(b),
     )
     assert out.f.dtype == jnp.float32 and out.plan().dtype == jnp.float32
-    assert float(jnp.max(out.error)) <= 1e-5
+    assert float(jnp.max(out.error)) <= 1e-6
     ref = ot.sinkhorn(
         a.astype(np.float64),
         b.astype(np.float64),
@@ -245,6 +246,92 @@ def test_float32(name):
         numItermax=20_000,
     )
     np.testing.assert_allclose(out.plan(), ref, atol=1e-6)
+
+
+def test_select_rows_is_a_per_row_top_set():
+    rng = np.random.default_rng(0)
+    p = np.exp(-rng.uniform(0, 30, size=(50, 80))) * rng.uniform(0.5, 1, (50, 1))
+    p[3] = 0.0  # an all-zero row
+    p[4, :10] = p[4, 0]  # ties at the maximum
+    k = 12
+    vals, idx, used = _select_rows(jnp.asarray(p), k)
+    vals, idx, used = map(np.asarray, (vals, idx, used))
+    assert vals.shape == idx.shape == used.shape == (50, k)
+    for i in range(50):
+        cols = idx[i][used[i]]
+        cnt = len(cols)
+        assert cnt <= k and len(set(cols)) == cnt  # distinct columns
+        np.testing.assert_array_equal(vals[i][used[i]], p[i, cols])
+        assert np.all(vals[i][~used[i]] == 0)
+        s = np.sort(p[i])[::-1]
+        # the selection is the cnt largest entries ...
+        np.testing.assert_allclose(np.sort(p[i, cols])[::-1], s[:cnt])
+        # ... and no more than a factor e^(40/2^12) separates it from the k largest
+        if s[0] > 0 and cnt < k:
+            assert s[k - 1] >= s[cnt] * np.exp(-40 / 2**12) * (1 - 1e-12)
+        elif s[0] == 0 or i == 4:
+            assert cnt == k  # ties: the first k of them
+    assert used[3].all() and np.all(vals[3] == 0)
+
+
+def test_sparse_hessian_is_the_dense_one_when_nothing_is_dropped():
+    x, y, a, b = problem(20, 25)
+    c = jnp.asarray(solvers.PointCloud(jnp.asarray(x), jnp.asarray(y)).cost_matrix)
+    p = (
+        jnp.exp(-c / 0.05)
+        * jnp.asarray(np.random.default_rng(1).uniform(1, 2, 20))[:, None]
+    )
+    r, col = p.sum(1), p.sum(0)
+    vals, idx, used = _select_rows(p, 25)
+    assert bool(used.all())
+    mv_s, d_s = _sparse_system(vals, idx, r, 25, 0.1)
+    mv_d, d_d = _dense_system(p, r, col, 0.1)
+    z = jnp.asarray(np.random.default_rng(2).normal(size=25))
+    np.testing.assert_allclose(mv_s(z), mv_d(z), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(d_s, d_d, rtol=1e-12)
+    # with entries dropped it stays a (shifted) Laplacian: S~ 1 = rho 1
+    vals, idx, used = _select_rows(p, 5)
+    mv_s, _ = _sparse_system(vals, idx, r, 25, 0.1)
+    np.testing.assert_allclose(mv_s(jnp.ones(25)), 0.1, rtol=1e-12)
+
+
+def test_sparse_newton_takes_the_dense_newton_steps():
+    # eps = 1e-3: the 32 largest entries per row keep >= 99% of the plan, so the
+    # sparse Hessian is used, and it needs (nearly) as many Newton steps as the
+    # dense one
+    x, y, _, _ = problem(400, 400, seed=5)
+    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
+    dense = solvers.sinkhorn_newton(geom, epsilon=1e-3, tol=1e-9)
+    sparse = solvers.sinkhorn_newton(
+        geom, epsilon=1e-3, tol=1e-9, hessian="sparse", k=32
+    )
+    kept = _select_rows(sparse.plan(), 32)[0].sum() / sparse.plan().sum()
+    assert float(kept) >= 0.99
+    assert bool(sparse.converged) and float(jnp.max(sparse.error)) <= 1e-9
+    assert sparse.n_newton_steps <= dense.n_newton_steps + 3
+    f_ref, g_ref = dense.f, dense.g
+    np.testing.assert_allclose(sparse.f, f_ref, atol=1e-9)
+    np.testing.assert_allclose(sparse.g, g_ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("hessian", ["dense", "sparse"])
+def test_newton_reports_a_stall_at_the_float32_floor(hessian):
+    # tol 1e-9 is far below float32's floor at epsilon 1e-3: the solver stops after
+    # 50 Newton steps without progress instead of running to max_steps
+    x, y, _, _ = problem(200, 200, seed=3, dtype=np.float32)
+    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
+    run = jax.jit(
+        lambda geom, throw: solvers.sinkhorn_newton(
+            geom, epsilon=1e-3, tol=1e-9, hessian=hessian, throw=throw
+        ),
+        static_argnums=1,
+    )
+    out = run(geom, False)
+    assert out.result == solvers.RESULTS.stalled
+    assert not bool(out.converged) and int(out.n_steps) < 500
+    assert float(jnp.max(out.error)) < 1e-5  # it got to the floor
+    with pytest.raises(Exception, match="stopped decreasing"):
+        run(geom, True)
 
 
 def test_small_epsilon_converges_with_newton():
