@@ -51,16 +51,18 @@ def _sparse_system(vals, idx, r, m, rho):
     """
     flat = idx.reshape(-1)
 
-    def pt(y):  # P~^T y by scatter-add
-        return jnp.zeros((m,), y.dtype).at[flat].add((vals * y[:, None]).reshape(-1))
+    def col_sums(w):  # sum_i w_ij over the kept entries, by scatter-add
+        return jnp.zeros((m,), w.dtype).at[flat].add(w.reshape(-1))
+
+    def pt(y):  # P~^T y
+        return col_sums(vals * y[:, None])
 
     lap = pt(jnp.sum(vals, axis=1) / r)  # the subgraph Laplacian's degrees
 
     def matvec(x):
         return lap * x - pt(jnp.sum(vals * x[idx], axis=1) / r) + rho * x
 
-    diag = lap - jnp.zeros((m,), r.dtype).at[flat].add((vals**2 / r[:, None]).ravel())
-    return matvec, diag + rho
+    return matvec, lap - col_sums(vals**2 / r[:, None]) + rho
 
 
 def _select_rows(p, k: int, iters: int = 12, span: float = 40.0):
@@ -379,6 +381,8 @@ def sinkhorn_newton(
         raise ValueError(f"{fn}: hessian must be 'dense' or 'sparse'; got {hessian!r}.")
     if not (isinstance(k, int) and 1 <= k):
         raise ValueError(f"{fn}: k must be a positive int; got {k}.")
+    if not 0.0 < kept_mass <= 1.0:
+        raise ValueError(f"{fn}: kept_mass must be in (0, 1]; got {kept_mass}.")
     return solve(
         _newton_loop,
         geom,

@@ -120,7 +120,7 @@ def _outputs(solver, eps=0.1):
     return jax.jit(fn)
 
 
-@pytest.mark.parametrize("name", ["sinkhorn", "newton_dense"])
+@pytest.mark.parametrize("name", ["sinkhorn", "newton_dense", "newton_sparse"])
 def test_check_grads_points(name):
     x, y, a, b = problem(5, 6)
     fn = _outputs(SOLVERS[name])
@@ -312,6 +312,20 @@ def test_sparse_newton_takes_the_dense_newton_steps():
     f_ref, g_ref = dense.f, dense.g
     np.testing.assert_allclose(sparse.f, f_ref, atol=1e-9)
     np.testing.assert_allclose(sparse.g, g_ref, atol=1e-9)
+
+
+def test_newton_rejects_bad_sparse_options():
+    geom = solvers.PointCloud(
+        jnp.asarray(problem(6, 7)[0]), jnp.asarray(problem(6, 7)[1])
+    )
+    for kw, match in (
+        ({"hessian": "banded"}, "hessian"),
+        ({"hessian": "sparse", "k": 0}, "k must"),
+        ({"hessian": "sparse", "kept_mass": 0.0}, "kept_mass"),
+        ({"hessian": "sparse", "kept_mass": 1.5}, "kept_mass"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            solvers.sinkhorn_newton(geom, epsilon=0.1, **kw)
 
 
 @pytest.mark.parametrize("hessian", ["dense", "sparse"])
