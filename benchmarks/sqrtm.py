@@ -194,7 +194,7 @@ def accuracy_tables(full, cands):
     return tables
 
 
-def timing_table(full, cands, configs=None, plot=True):
+def timing_table(full, cands, configs=None, plot=True, kappa=1e3):
     if configs is None:
         configs = (
             [(256, 32), (256, 64), (256, 128), (256, 256), (64, 512)]
@@ -203,7 +203,8 @@ def timing_table(full, cands, configs=None, plot=True):
         )
     song = _song_anchor()
     timing = Table(
-        "sqrtm forward+backward time, float32, kappa=1e3 (jit, median after warm-up)",
+        f"sqrtm forward+backward time, float32, kappa={kappa:.0e} (jit, median after "
+        "warm-up)".replace("e+0", "e"),
         [
             "batch x n",
             "method",
@@ -214,18 +215,22 @@ def timing_table(full, cands, configs=None, plot=True):
         ],
     )
     for batch, n in configs:
-        a = jnp.asarray(_spd_batch(batch, n, 1e3, seed=1), jnp.float32)
+        a = jnp.asarray(_spd_batch(batch, n, kappa, seed=1), jnp.float32)
         g = np.random.default_rng(2).normal(size=(batch, n, n))
         g = jnp.asarray(g + np.swapaxes(g, -1, -2), jnp.float32)  # symmetric
         ref = _ref_sqrt(np.asarray(a))
         ref_grad = _ref_grad(np.asarray(a), np.asarray(g))
         rows = {}
         for name, f in cands.items():
-            if n > 128 and (
-                name.endswith(("pade", "taylor"))
-                or (name.startswith("OTT") and _on_cpu())
+            # pade/taylor are approximate; on CPU, OTT is slow and mixed's bfloat16
+            # matmuls are emulated
+            slow_on_cpu = (name.startswith("OTT") and n > 128) or (
+                name.endswith("mixed") and n > 64
+            )
+            if (n > 128 and name.endswith(("pade", "taylor"))) or (
+                _on_cpu() and slow_on_cpu
             ):
-                continue  # approximate (pade/taylor) or too slow on CPU (OTT)
+                continue
             loss = jax.jit(jax.value_and_grad(lambda a, f=f: jnp.sum(f(a) * g)))
             try:
                 t = time_fn(loss, a, repeats=5 if full else 3)
@@ -247,7 +252,8 @@ def timing_table(full, cands, configs=None, plot=True):
         for name, (t, err, gerr) in rows.items():
             timing.add(f"{batch} x {n}", name, 1e3 * t, t / t_eigh, err, gerr)
     timing.notes.append(
-        "pade/taylor (and OTT-JAX on CPU) are timed up to n = 128 only. "
+        "pade/taylor (and OTT-JAX on CPU) are timed up to n = 128 only, mixed on "
+        "CPU (bfloat16 emulated) up to n = 64. "
         "'auto' picks eigh on every backend."
     )
     if plot:

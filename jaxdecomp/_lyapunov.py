@@ -27,12 +27,15 @@ def eig_solver(v: Array, mu: Array) -> Callable[[Array], Array]:
     return solve
 
 
-def ns_solver(s: Array, tol, max_steps: int, throw: bool) -> Callable[[Array], Array]:
-    """b -> X with S X + X S = b by the matmul-only sign iteration, run to `tol`."""
+def ns_solver(
+    s: Array, tol, max_steps: int, throw: bool, parity: int = 0
+) -> Callable[[Array], Array]:
+    """b -> X with S X + X S = b by the matmul-only sign iteration, run to `tol`
+    (for `parity` see `sign_lyapunov`)."""
     loose = default_tol(s.dtype, 0.5)
 
     def solve(b):
-        x, _, res = sign_lyapunov(s, b, tol, max_steps)
+        x, _, res = sign_lyapunov(s, b, tol, max_steps, parity=parity)
         if throw:
             x = eqx.error_if(
                 x,
@@ -45,15 +48,30 @@ def ns_solver(s: Array, tol, max_steps: int, throw: bool) -> Callable[[Array], A
     return solve
 
 
-def lyapunov_linear_solve(s: Array, b: Array, solve: Callable[[Array], Array]):
+def lyapunov_linear_solve(
+    s: Array, b: Array, solve: Callable[[Array], Array], parity: int = 0
+):
     """X with S X + X S = b, differentiable in `s` and `b` (any order, both modes).
 
     `lax.custom_linear_solve` differentiates through the matvec Z -> S Z + Z S only (the
     solver is never differentiated), and the operator is self-adjoint for symmetric S,
     so the same solver serves the transposed solve of reverse mode.
+
+    `parity=1` (or -1) is for a symmetric (antisymmetric) `b`: the operator is then
+    taken on that subspace, Z -> L(Pi Z) with Pi the projection on it (self-adjoint,
+    and commuting with L for symmetric S), and its inverse Pi b -> L^{-1}(Pi b). So
+    the solver only ever sees right-hand sides of that parity, also the cotangents of
+    reverse mode, and can use the cheaper structured iteration.
     """
+
+    def proj(z):
+        return 0.5 * (z + parity * mT(z)) if parity else z
+
     return lax.custom_linear_solve(
-        lambda z: mm(s, z) + mm(z, s), b, lambda _, rhs: solve(rhs), symmetric=True
+        lambda z: mm(s, proj(z)) + mm(proj(z), s),
+        proj(b),
+        lambda _, rhs: solve(proj(rhs)),
+        symmetric=True,
     )
 
 

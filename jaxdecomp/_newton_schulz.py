@@ -110,10 +110,22 @@ def coupled_sqrt(a: Array, tol, max_steps: int, matmul=mm, safety: float = 1.0):
 
 
 def sign_lyapunov(
-    s: Array, g: Array, tol, max_steps: int, matmul=mm, safety: float = 1.0
+    s: Array,
+    g: Array,
+    tol,
+    max_steps: int,
+    matmul=mm,
+    safety: float = 1.0,
+    parity: int = 0,
 ):
-    """X with S X + X S = G for SPD `s` (any `g`), by the sign iteration. The residual
-    returned also measures ||sign(S) - I||, so an indefinite `s` shows as failure."""
+    """X with S X + X S = G for SPD `s`, by the sign iteration. The residual
+    returned also measures ||sign(S) - I||, so an indefinite `s` shows as failure.
+
+    The iteration's blocks are P (a polynomial in S), R = P^2, Q (-> 2X), and per
+    step E = PQ - QP and RE + ER. For `g` symmetric (`parity=1`) or antisymmetric
+    (`parity=-1`) so are Q and X, E has the opposite parity and QP = parity (PQ)^T,
+    ER = -parity (RE)^T: 7 matmuls per step instead of 9 (`parity=0`, any `g`).
+    """
     n = s.shape[-1]
     c = _upper_bound_eig(s)
     eye = eye_like(s)
@@ -122,13 +134,25 @@ def sign_lyapunov(
     mm = matmul
     r = mm(p, p)
 
+    def commutators(p, q, r):
+        """(PQ - QP, R E + E R)."""
+        if not parity:
+            e = mm(p, q) - mm(q, p)
+            return e, mm(r, e) + mm(e, r)
+        pq = mm(p, q)
+        e = pq - parity * mT(pq)
+        re = mm(r, e)
+        return e, re - parity * mT(re)
+
     def step(state, co):
         p, q, r = state
-        e = mm(p, q) - mm(q, p)
+        e, re_er = commutators(p, q, r)
         r2 = mm(r, r)
         t = co[0] * eye + co[1] * r + co[2] * r2
-        f = co[1] * e + co[2] * (mm(r, e) + mm(e, r))
+        f = co[1] * e + co[2] * re_er
         p, q = mm(p, t), mm(p, f) + mm(q, t)
+        if parity:  # keep the structure exact under rounding
+            q = 0.5 * (q + parity * mT(q))
         r = mm(p, p)
         return (p, q, r), fro(r - eye) / jnp.sqrt(n)
 
@@ -225,7 +249,9 @@ def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
 
     def body(carry):
         k, x, r, step, _ = carry
-        e, _, _ = sign_lyapunov(x, r, 0.0, MIXED_LYAPUNOV_STEPS, low, SAFETY)
+        e, _, _ = sign_lyapunov(
+            x, sym(r), 0.0, MIXED_LYAPUNOV_STEPS, low, SAFETY, parity=1
+        )
         e = sym(e)
         x = x + e
         r, _ = residual(x)

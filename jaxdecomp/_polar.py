@@ -45,10 +45,10 @@ def _polar_tall_jvp(primals, tangents, *, cfg: _Config):
         mu, v = jnp.linalg.eigh(h_const)
         solve = eig_solver(v, mu)
     else:
-        solve = ns_solver(h_const, cfg.tol, cfg.max_steps, True)
+        solve = ns_solver(h_const, cfg.tol, cfg.max_steps, True, parity=-1)
     # U^T dU = Omega is skew, and H Omega + Omega H = U^T dA - dA^T U.
     utda = mm(mT(u), da)
-    omega = lyapunov_linear_solve(h, utda - mT(utda), solve)
+    omega = lyapunov_linear_solve(h, utda - mT(utda), solve, parity=-1)
     du = mm(u, omega)
     if a.shape[-2] != a.shape[-1]:
         # Tall: the component outside range(U) is (I - U U^T) dA H^{-1}.

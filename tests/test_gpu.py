@@ -22,18 +22,13 @@ def _on_gpu(x):
     return jax.device_put(x, jax.devices("gpu")[0])
 
 
-# Measured on an H100: cuSOLVER's float32 eigh is 1.55e-5 wrong at kappa = 1e4
-# (n = 64 and 256); Newton-Schulz meets 1e-5. The miss is reported, not hidden.
-EIGH_FLOOR = pytest.mark.xfail(
-    strict=True, reason="cuSOLVER float32 eigh: 1.55e-5 at kappa=1e4 (measured)"
-)
-
-
 @pytest.mark.parametrize(
     "method,kappa",
     [
         ("eigh", 1e3),
-        pytest.param("eigh", 1e4, marks=EIGH_FLOOR),
+        # A plain cuSOLVER float32 eigh measured 1.55e-5 here on an H100 (2026-11-22);
+        # the Rayleigh-Ritz correction (1.1-1.8e-6 on the CPU) is not measured there.
+        ("eigh", 1e4),
         ("newton_schulz", 1e3),
         ("newton_schulz", 1e4),
         ("mixed", 1e3),  # bfloat16 tensor cores + float32 refinement
