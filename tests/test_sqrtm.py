@@ -202,7 +202,7 @@ def test_float32_eigh_correction_batched_and_differentiated():
     # batch, vmap and loop agree, the value meets 1e-5, and both derivative modes
     # match the float64 rule.
     kappas = [10.0, 1e4, 1e5]
-    a = jnp.asarray(np.stack([spd(48, k, seed=i) for i, k in enumerate(kappas)]))
+    a = jnp.asarray(np.stack([spd(128, k, seed=i) for i, k in enumerate(kappas)]))
     a = a.astype(jnp.float32)
     x_ref = [reference(m)[0] for m in np.asarray(a)]
     f = jax.jit(lambda a: jaxdecomp.sqrtm(a, method="eigh"))
