@@ -67,8 +67,12 @@ def lyapunov_linear_solve(
     def proj(z):
         return 0.5 * (z + parity * mT(z)) if parity else z
 
+    def matvec(z):
+        z = proj(z)
+        return mm(s, z) + mm(z, s)
+
     return lax.custom_linear_solve(
-        lambda z: mm(s, proj(z)) + mm(proj(z), s),
+        matvec,
         proj(b),
         lambda _, rhs: solve(proj(rhs)),
         symmetric=True,

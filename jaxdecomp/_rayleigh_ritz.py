@@ -75,8 +75,8 @@ def eigh_functions(
     return lax.cond(ill, refined, plain)
 
 
-def safe_divide(num: Array, den: Array) -> Array:
-    """num / den, and 0 where den is 0 (divided differences at zero eigenvalues of a
+def safe_reciprocal(den: Array) -> Array:
+    """1 / den, and 0 where den is 0 (divided differences at zero eigenvalues of a
     singular matrix, where the off-diagonal rest is zero to rounding anyway)."""
     ok = den != 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
+    return jnp.where(ok, 1 / jnp.where(ok, den, 1), 0)

@@ -22,7 +22,7 @@ from jaxtyping import Array, Float
 from ._lyapunov import eig_solver, lyapunov_linear_solve, ns_solver
 from ._misc import check_matrix, default_tol, eye_like, fro, mm, mT, sym
 from ._newton_schulz import coupled_sqrt, mixed_sqrt
-from ._rayleigh_ritz import eigh_functions, safe_divide
+from ._rayleigh_ritz import eigh_functions, safe_reciprocal
 from ._solution import RESULTS, MatrixFunctionSolution
 
 _METHODS = ("auto", "eigh", "newton_schulz", "mixed", "pade", "taylor")
@@ -88,14 +88,14 @@ def _song(a: Array, method: str, want_sqrt: bool, want_inv: bool):
 def _sqrt_and_divided_differences(d):
     """sqrt(d) and its divided differences 1 / (s_i + s_j)."""
     s = jnp.sqrt(jnp.maximum(d, 0.0))
-    return s, safe_divide(jnp.ones((), d.dtype), s[..., :, None] + s[..., None, :])
+    return s, safe_reciprocal(s[..., :, None] + s[..., None, :])
 
 
 def _inv_sqrt_and_divided_differences(d):
     """1 / sqrt(d) and its divided differences -1 / (s_i s_j (s_i + s_j))."""
     s = jnp.sqrt(jnp.maximum(d, 0.0))
     si, sj = s[..., :, None], s[..., None, :]
-    return 1 / s, -safe_divide(jnp.ones((), d.dtype), si * sj * (si + sj))
+    return 1 / s, -safe_reciprocal(si * sj * (si + sj))
 
 
 class _Config(eqx.Module):
