@@ -10,7 +10,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._misc import check_matrix, eye_like, fro, mm, mT
+from ._misc import check_matrix, default_tol, eye_like, fro, mm, mT
 from ._rayleigh_ritz import eigh_functions
 from ._solution import RESULTS, MatrixFunctionSolution
 from ._sqrtm import _validate, inv_sqrtm, sqrtm
@@ -170,13 +170,18 @@ def inv_pth_root(
         result = RESULTS.where(
             (result == RESULTS.successful) & nonpositive, RESULTS.indefinite, result
         )
-        if throw:
-            value = result.error_if(value, result != RESULTS.successful)
-    # Relative residual of the defining equation Z^p (A + ridge I) = I.
+    # Relative residual of the defining equation Z^p (A + ridge I) = I: an eigenvalue
+    # that is zero or below the rounding level breaks it (`singular`).
     zs, a_ = jax.lax.stop_gradient(value), jax.lax.stop_gradient(a_in)
     residual = jnp.max(
         fro(mm(_power(zs, p), a_) - eye_like(a_)) / jnp.sqrt(a.shape[-1])
+    ).astype(a.dtype)
+    bound = 10 * default_tol(a.dtype, 0.5)
+    result = RESULTS.where(
+        (result == RESULTS.successful) & ~(residual <= bound), RESULTS.singular, result
     )
+    if throw:
+        value = result.error_if(value, result != RESULTS.successful)
     if full_output:
         return MatrixFunctionSolution(value, result, steps, residual)
     return value

@@ -10,19 +10,27 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._misc import check_matrix, default_tol, fro, mm, mT
+from ._misc import check_matrix, default_tol, fro, mm, mT, safe_reciprocal
 from ._newton_schulz import sign_lyapunov
+from ._solution import RESULTS, MatrixFunctionSolution
 
 
 def eig_solver(v: Array, mu: Array) -> Callable[[Array], Array]:
-    """b -> X with S X + X S = b, for S = V diag(mu) V^T (mu > 0): in the eigenbasis the
-    equation is diagonal, X~_ij = b~_ij / (mu_i + mu_j). Finite at repeated
-    eigenvalues."""
-    denom = mu[..., :, None] + mu[..., None, :]
+    """b -> X with S X + X S = b, for S = V diag(mu) V^T (mu >= 0): in the eigenbasis
+    the equation is diagonal, X~_ij = b~_ij / (mu_i + mu_j). Finite at repeated
+    eigenvalues.
+
+    Where mu_i + mu_j = 0 (both eigenvalues zero: the square root of a semidefinite
+    matrix) the equation has no solution unless b~_ij = 0, and the entry is set to 0.
+    For the derivative of A^{1/2} this is the derivative along perturbations that keep
+    the null space (dA with a zero null-space block, e.g. every dA = dB B^T + B dB^T of
+    A = B B^T), finite and exact there; along the null-space block itself the true
+    derivative is infinite (d sqrt(t)/dt at t = 0) and is dropped."""
+    inv_denom = safe_reciprocal(mu[..., :, None] + mu[..., None, :])
 
     def solve(b):
         bt = mm(mm(mT(v), b), v)
-        return mm(mm(v, bt / denom), mT(v))
+        return mm(mm(v, bt * inv_denom), mT(v))
 
     return solve
 
@@ -87,6 +95,7 @@ def solve_lyapunov(
     tol: float | None = None,
     max_steps: int = 60,
     throw: bool = True,
+    full_output: bool = False,
 ) -> Float[Array, "*batch n n"]:
     r"""Solve the Lyapunov (symmetric Sylvester) equation $S X + X S = G$.
 
@@ -111,10 +120,20 @@ def solve_lyapunov(
     - `tol`: residual tolerance of `"newton_schulz"` (default `10 eps`; it also stops
         at the rounding floor).
     - `max_steps`: iteration cap of `"newton_schulz"`.
-    - `throw`: raise (`eqx.error_if`) if `"newton_schulz"` fails to converge, or if
-        `s` has a non-positive eigenvalue for `"eigh"`.
+    - `throw`: raise (`eqx.error_if`, also under `jit`) on failure (default `True`).
+    - `full_output`: return a [`jaxdecomp.MatrixFunctionSolution`][] (value, result
+        code, steps, residual) instead of the array.
 
     **Returns:** $X$, with the shape and dtype of `g`.
+
+    **Failure modes:** shape and dtype mistakes raise at trace time. At run time
+    (result codes, raised if `throw`): NaN/inf in `s` or `g` (`nonfinite_input`), a
+    non-symmetric `s` ($\|S - S^T\|_F > \sqrt{\varepsilon}\|S\|_F$,
+    `not_symmetric`; it is never silently symmetrised), for `"eigh"` an eigenvalue of
+    `s` that is not above the rounding level $n\varepsilon\lambda_{\max}$
+    (`indefinite`), and a solution whose relative residual
+    $\|SX + XS - G\|_F / (2\|S\|_F\|X\|_F + \|G\|_F)$ exceeds
+    $10\sqrt{\varepsilon}$ (`inaccurate`: e.g. Newton–Schulz on an indefinite `s`).
 
     **Derivatives:** with respect to `s` and `g`, forward and reverse mode, any order
     (an implicit rule through `lax.custom_linear_solve`).
@@ -131,6 +150,7 @@ def solve_lyapunov(
     assert jnp.allclose(s @ x + x @ s, g, atol=1e-5)
     ```
     """
+    name = "solve_lyapunov"
     s = check_matrix(s, "solve_lyapunov(s, ...)", square=True)
     g = check_matrix(g, "solve_lyapunov(..., g)", square=True)
     if g.shape[-1] != s.shape[-1]:
@@ -144,25 +164,54 @@ def solve_lyapunov(
         raise ValueError(
             f"solve_lyapunov: method must be 'eigh' or 'newton_schulz'; got {method!r}."
         )
-    g = jnp.broadcast_to(g, jnp.broadcast_shapes(s.shape, g.shape))
-    tol = 10 * default_tol(s.dtype, 1.0) if tol is None else tol
+    if not (isinstance(max_steps, int) and max_steps > 0):
+        raise ValueError(f"{name}: max_steps must be a positive int; got {max_steps}.")
+    shape = jnp.broadcast_shapes(s.shape, g.shape)
+    g = jnp.broadcast_to(g, shape)
+    tol = 10 * default_tol(s.dtype, 1.0) if tol is None else float(tol)
+    eps_half = default_tol(s.dtype, 0.5)
+
+    # Run-time checks, one result code for the call; bad input is replaced by a
+    # harmless one so that the iterations terminate (the result is raised on).
     s_const = lax.stop_gradient(s)
+    finite = jnp.all(jnp.isfinite(s_const)) & jnp.all(jnp.isfinite(g))
+    asym = jnp.any(fro(s_const - mT(s_const)) > eps_half * fro(s_const))
+    result = RESULTS.where(asym, RESULTS.not_symmetric, RESULTS.successful)
+    result = RESULTS.where(finite, result, RESULTS.nonfinite_input)
+    ok = result == RESULTS.successful
+    s_safe = jnp.where(ok, s_const, jnp.eye(s.shape[-1], dtype=s.dtype))
+    s = jnp.where(ok, s, lax.stop_gradient(s_safe))
+    g = jnp.where(ok, g, 0)
+    n_steps = jnp.asarray(0)
     if method == "eigh":
-        mu, v = jnp.linalg.eigh(s_const)
-        if throw:
-            mu = eqx.error_if(
-                mu,
-                ~jnp.all(mu > 0) | ~jnp.all(jnp.isfinite(mu)),
-                "solve_lyapunov: s must be symmetric positive definite (finite, with "
-                "positive eigenvalues).",
-            )
-        solve = eig_solver(v, mu)
+        mu, v = jnp.linalg.eigh(s_safe)
+        # positive definite, with the smallest eigenvalue above the rounding level
+        # of the largest (else S X + X S = G is singular at this precision)
+        mu_max = jnp.max(jnp.abs(mu), axis=-1)
+        definite = jnp.all(jnp.min(mu, axis=-1) > s.shape[-1] * eps_half**2 * mu_max)
+        result = RESULTS.where(ok & ~definite, RESULTS.indefinite, result)
+        solve = eig_solver(v, jnp.where(definite, mu, 1))
     else:
-        if throw:
-            s_const = eqx.error_if(
-                s_const,
-                fro(s_const - mT(s_const)) > default_tol(s.dtype, 0.5) * fro(s_const),
-                "solve_lyapunov: s must be symmetric.",
-            )
-        solve = ns_solver(s_const, tol, max_steps, throw)
-    return lyapunov_linear_solve(s, g, solve)
+        solve = ns_solver(s_safe, tol, max_steps, False)
+        # sign(S) = I exactly when S is positive definite (and resolved at this
+        # precision): the sign iteration's own residual says whether it is
+        _, n_steps, sign_res = sign_lyapunov(s_safe, jnp.zeros_like(g), tol, max_steps)
+        definite = sign_res <= 10 * eps_half
+        result = RESULTS.where(ok & ~definite, RESULTS.indefinite, result)
+    x = lyapunov_linear_solve(s, g, solve)
+    # The defining equation, relative to the scale of its terms.
+    xs = lax.stop_gradient(x)
+    s_, g_ = lax.stop_gradient(s), lax.stop_gradient(g)
+    scale = 2 * fro(s_) * fro(xs) + fro(g_)
+    residual = jnp.max(
+        fro(mm(s_, xs) + mm(xs, s_) - g_) / jnp.where(scale > 0, scale, 1)
+    )
+    bad = ~(residual <= 10 * eps_half)  # NaN counts as bad
+    result = RESULTS.where(
+        (result == RESULTS.successful) & bad, RESULTS.inaccurate, result
+    )
+    if throw:
+        x = result.error_if(x, result != RESULTS.successful)
+    if full_output:
+        return MatrixFunctionSolution(x, result, n_steps, residual)
+    return x

@@ -107,6 +107,14 @@ def fro(a: Array) -> Array:
     return jnp.sqrt(jnp.sum(jnp.square(a), axis=(-2, -1)))
 
 
+def safe_reciprocal(den: Array) -> Array:
+    """1 / den, and 0 where den is 0 (divided differences at zero eigenvalues of a
+    singular matrix, where the off-diagonal rest is zero to rounding anyway, and the
+    derivatives of roots at semidefinite input: see `eig_solver`)."""
+    ok = den != 0
+    return jnp.where(ok, 1 / jnp.where(ok, den, 1), 0)
+
+
 def check_matrix(a, name: str, *, square: bool) -> Array:
     """Trace-time checks: a floating array of shape (..., m, n) (m == n if square)."""
     if not eqx.is_array_like(a):
@@ -117,6 +125,10 @@ def check_matrix(a, name: str, *, square: bool) -> Array:
     if square and a.shape[-1] != a.shape[-2]:
         raise ValueError(
             f"{name}: expected a square matrix (..., n, n); got shape {a.shape}."
+        )
+    if a.size == 0:
+        raise ValueError(
+            f"{name}: expected a non-empty array; got shape {a.shape} (size 0)."
         )
     if not jnp.issubdtype(a.dtype, jnp.floating):
         raise TypeError(

@@ -52,15 +52,26 @@ def _max_residual(r: Array) -> Array:
     return jnp.max(r) if r.ndim else r
 
 
-def _drive(step, state, res0, dtype, tol, max_steps: int, safety: float = 1.0):
-    """Run `state, res = step(state, coeffs)` until res <= tol, stagnation after the
-    schedule, or max_steps. Returns (state, n_steps, residual)."""
+def _drive(
+    step, state, res0, dtype, tol, max_steps: int, safety: float = 1.0, unit=None
+):
+    """Run `state, res = step(state, coeffs)` until res <= tol, stagnation at the
+    rounding floor after the schedule, or max_steps. Returns (state, n_steps,
+    residual).
+
+    Stagnation counts only once the residual is small (below sqrt(max(tol, 10 u)),
+    u the unit roundoff of the matmuls, default that of `dtype`): a value far below
+    the design interval (a singular value of a matrix worse conditioned than the
+    schedule covers) grows by the classical quintic's factor 15/8 per step while the
+    residual barely moves, and stopping there would leave it unconverged."""
     coeffs = _coeffs(dtype, safety)
     n_sched = coeffs.shape[0] - 1
+    unit = float(jnp.finfo(dtype).eps) if unit is None else unit
+    floor = max(float(tol), 10 * unit) ** 0.5
 
     def cond(carry):
         k, _, res, prev = carry
-        stalled = (k > n_sched) & (res > 0.5 * prev)
+        stalled = (k > n_sched) & (res > 0.5 * prev) & (res < floor)
         return (k < max_steps) & (res > tol) & ~stalled
 
     def body(carry):
@@ -80,10 +91,31 @@ def _upper_bound_eig(a: Array) -> Array:
     return jnp.minimum(fro(a), one)[..., None, None]
 
 
-def coupled_sqrt(a: Array, tol, max_steps: int, matmul=mm, safety: float = 1.0):
-    """(A^{1/2}, A^{-1/2}, n_steps, residual ||ZY - I||_F / sqrt(n)) for SPD `a`.
-    With a low-precision `matmul`, Z Y is symmetrised every step (it is symmetric in
-    exact arithmetic) and the polynomials are damped by `safety`."""
+def coupled_sqrt(
+    a: Array,
+    tol,
+    max_steps: int,
+    matmul=mm,
+    safety: float = 1.0,
+    unit=None,
+    want_inv: bool = True,
+):
+    """(A^{1/2}, A^{-1/2}, n_steps, residual, error estimate) for SPD `a`. With a
+    low-precision `matmul` (unit roundoff `unit`), Z Y is symmetrised every step (it
+    is symmetric in exact arithmetic) and the polynomials are damped by `safety`.
+
+    The error estimate sees the eigenvalues the iteration has not resolved yet: in
+    the common eigenbasis Y = sqrt(lambda m) and Z Y = m, so Y's error along an
+    eigenvector is y (1 / sqrt(m) - 1) ~ y (1 - m) / 2, and ||Y (I - Z Y)||_F /
+    (2 ||Y||_F) estimates the relative forward error of A^{1/2}. A zero (or rounding
+    level) eigenvalue of semidefinite input has y ~ 0 and adds nothing, although
+    Z Y - I stays 1 there.
+
+    The loop stops on ||ZY - I||_F / sqrt(n) (the residual) if `want_inv`; for the
+    square root alone it stops on the error estimate once the polynomial schedule is
+    done (one more matmul a step from then on), so that semidefinite input stops when
+    the root is resolved instead of driving Z to overflow.
+    """
     n = a.shape[-1]
     mm_ = matmul
     c = _upper_bound_eig(a)
@@ -91,22 +123,38 @@ def coupled_sqrt(a: Array, tol, max_steps: int, matmul=mm, safety: float = 1.0):
     y = a / c
     z = eye
     m = y  # = z @ y
+    n_sched = _coeffs(a.dtype).shape[0] - 1
+
+    def estimate(y, m):
+        return _max_residual(0.5 * fro(mm(y, eye - m)) / fro(y))
 
     def step(state, co):
-        y, z, m = state
+        y, z, m, k = state
         m2 = mm_(m, m)
         t = co[0] * eye + co[1] * m + co[2] * m2
         y, z = mm_(y, t), mm_(t, z)
         m = mm_(z, y)
         if matmul is not mm:
             m = sym(m)
-        return (y, z, m), fro(m - eye) / jnp.sqrt(n)
+        res = _max_residual(fro(m - eye) / jnp.sqrt(n))
+        if not want_inv:
+            res = lax.cond(k + 1 >= n_sched, lambda: estimate(y, m), lambda: res)
+        return (y, z, m, k + 1), res
 
-    (y, z, _), k, res = _drive(
-        step, (y, z, m), fro(m - eye) / jnp.sqrt(n), a.dtype, tol, max_steps, safety
+    (y, z, m, _), k, res = _drive(
+        step,
+        (y, z, m, jnp.asarray(0)),
+        fro(m - eye) / jnp.sqrt(n),
+        a.dtype,
+        tol,
+        max_steps,
+        safety,
+        unit,
     )
+    est = estimate(y, m)
+    res = _max_residual(fro(m - eye) / jnp.sqrt(n))  # ||ZY - I||, whatever stopped it
     sc = jnp.sqrt(c)
-    return y * sc, z / sc, k, res
+    return y * sc, z / sc, k, res, est
 
 
 def sign_lyapunov(
@@ -117,6 +165,7 @@ def sign_lyapunov(
     matmul=mm,
     safety: float = 1.0,
     parity: int = 0,
+    unit=None,
 ):
     """X with S X + X S = G for SPD `s`, by the sign iteration. The residual
     returned also measures ||sign(S) - I||, so an indefinite `s` shows as failure.
@@ -157,7 +206,14 @@ def sign_lyapunov(
         return (p, q, r), fro(r - eye) / jnp.sqrt(n)
 
     (p, q, _), k, res = _drive(
-        step, (p, q, r), fro(r - eye) / jnp.sqrt(n), s.dtype, tol, max_steps, safety
+        step,
+        (p, q, r),
+        fro(r - eye) / jnp.sqrt(n),
+        s.dtype,
+        tol,
+        max_steps,
+        safety,
+        unit,
     )
     # sign(S) = I exactly when S is positive definite: fold that into the residual.
     res = jnp.maximum(res, _max_residual(fro(p - eye) / jnp.sqrt(n)))
@@ -167,6 +223,9 @@ def sign_lyapunov(
 def polar_iteration(a: Array, tol, max_steps: int):
     """Orthogonal polar factor of a tall (m >= n) full-rank `a`."""
     n = a.shape[-1]
+    # scale by max|a| first: fro(a) under/overflows for entries ~1e-30 / 1e30 (float32)
+    big = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True)
+    a = a / jnp.where(big > 0, big, 1)
     x = a / fro(a)[..., None, None]
     eye = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), a.shape[:-2] + (n, n))
     gram = mm(mT(x), x)
@@ -220,14 +279,15 @@ def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
        or ||E|| stops decreasing (the working-precision floor), or `max_steps`.
     3. For A^{-1/2}: Newton-Schulz inversion of X from the low-precision Z, in the
        working precision, Y <- Y + Y (I - X Y).
-    n_steps counts refinement steps (step 2); residual is the last relative ||R||_F.
+    n_steps counts refinement steps (step 2); residual is the last relative ||R||_F;
+    the error estimate is the last relative correction ||E||_F / ||X||_F.
     """
     low, u_low = low_precision_matmul(a.dtype)
     c = _upper_bound_eig(a)
     ah = a / c
     eye = eye_like(a)
-    x, z, _, _ = coupled_sqrt(
-        ah + (u_low / 4) * eye, 0.0, MIXED_SQRT_STEPS, low, SAFETY
+    x, z, _, _, _ = coupled_sqrt(
+        ah + (u_low / 4) * eye, 0.0, MIXED_SQRT_STEPS, low, SAFETY, 2 * u_low
     )
     x, z = sym(x), sym(z)
     norm = fro(ah)
@@ -250,7 +310,7 @@ def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
     def body(carry):
         k, x, r, step, _ = carry
         e, _, _ = sign_lyapunov(
-            x, sym(r), 0.0, MIXED_LYAPUNOV_STEPS, low, SAFETY, parity=1
+            x, sym(r), 0.0, MIXED_LYAPUNOV_STEPS, low, SAFETY, parity=1, unit=2 * u_low
         )
         e = sym(e)
         x = x + e
@@ -260,11 +320,14 @@ def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
     r0, res0 = residual(x)
     inf = jnp.full_like(res0, jnp.inf)
     init = (jnp.asarray(0), x, r0, inf, inf)
-    k, x, r, _, _ = lax.while_loop(cond, body, init)
+    k, x, r, last, _ = lax.while_loop(cond, body, init)
     res = _max_residual(fro(r) / norm)
+    # The size of the last correction estimates the error left (Newton converges
+    # quadratically); inf if no refinement step ran (max_steps = 0 cannot happen).
+    est = last
     sc = jnp.sqrt(c)
     if not want_inv:
-        return x * sc, jnp.zeros((), a.dtype), k, res
+        return x * sc, jnp.zeros((), a.dtype), k, res, est
 
     n = a.shape[-1]
 
@@ -282,4 +345,4 @@ def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
 
     inv0 = (jnp.asarray(0), z, inv_res(z), jnp.asarray(jnp.inf, res0.dtype))
     _, y, _, _ = lax.while_loop(inv_cond, inv_body, inv0)
-    return x * sc, y / sc, k, res
+    return x * sc, y / sc, k, res, est

@@ -92,10 +92,16 @@ def polar(
     Newton–Schulz sign iteration for `"newton_schulz"`), and for tall $A$
     $dU = U\Omega + (I - UU^T)\,dA\,H^{-1}$. Forward, reverse and higher order.
 
-    **Failure modes:** NaN/inf input and rank-deficient input (a singular value below
-    $\sqrt{\varepsilon}\,\sigma_{\max}$ for `"svd"`; no convergence for
-    `"newton_schulz"`), where the polar factor is not unique, raise at run time with
-    `throw=True`; 1-D or non-float input at trace time.
+    **Failure modes:** NaN/inf input and numerically rank-deficient input (a singular
+    value at most $\max(m, n)\,\varepsilon\,\sigma_{\max}$, numpy's `matrix_rank`
+    rule, for `"svd"`; for `"newton_schulz"` an orthogonality residual
+    $\|U^TU - I\|_F/\sqrt{n}$ above $10\sqrt{\varepsilon}$ after the iteration
+    stopped), where the polar factor is not unique, raise at run time with
+    `throw=True`; 1-D, empty or non-float input at trace time. Full-rank but
+    ill-conditioned input is accepted: the Newton–Schulz iteration keeps going past
+    its polynomial schedule (about 2 more steps per factor 10 of condition number
+    beyond 1e3) until converged or `max_steps`. $U$ is then as accurate as the
+    conditioning allows (relative error about $\kappa\,\varepsilon$).
 
     **Example:** orthogonalising a gradient, as Muon does.
 
@@ -132,7 +138,9 @@ def polar(
     us = jax.lax.stop_gradient(u)
     residual = jnp.max(fro(mm(mT(us), us) - jnp.eye(n, dtype=a.dtype)) / jnp.sqrt(n))
     if method == "svd":
-        deficient = jnp.any(s[..., -1] <= eps_half * s[..., 0])
+        # numpy's numerical-rank rule (matrix_rank): s_min <= max(m, n) eps s_max
+        rank_tol = max(a.shape[-2:]) * default_tol(a.dtype, 1.0)
+        deficient = jnp.any(s[..., -1] <= rank_tol * s[..., 0])
     else:
         deficient = ~(residual <= 10 * eps_half)
     result = RESULTS.where(deficient, RESULTS.rank_deficient, RESULTS.successful)

@@ -73,10 +73,3 @@ def eigh_functions(
     wmax = jnp.max(jnp.abs(w), axis=-1)
     ill = jnp.any(jnp.min(w, axis=-1) * REFINE_KAPPA < wmax)
     return lax.cond(ill, refined, plain)
-
-
-def safe_reciprocal(den: Array) -> Array:
-    """1 / den, and 0 where den is 0 (divided differences at zero eigenvalues of a
-    singular matrix, where the off-diagonal rest is zero to rounding anyway)."""
-    ok = den != 0
-    return jnp.where(ok, 1 / jnp.where(ok, den, 1), 0)

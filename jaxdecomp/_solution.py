@@ -27,12 +27,20 @@ class RESULTS(eqx.Enumeration):
     )
     inaccurate = (
         "The result does not satisfy its defining equation to sqrt(eps) accuracy "
-        "(relative residual too large); the input is probably indefinite or too "
-        "ill-conditioned for the method. Try method='eigh'."
+        "(relative residual or error estimate too large); the input is probably not "
+        "positive definite, or too ill-conditioned for the method. Try "
+        "method='eigh'."
+    )
+    singular = (
+        "The input is singular, or numerically singular at this precision: the "
+        "inverse root fails its defining equation (||Y A Y - I||_F / sqrt(n) > 10 "
+        "sqrt(eps)), because an eigenvalue is zero or too small to be resolved. Add a "
+        "ridge (A + delta I), or use float64."
     )
     rank_deficient = (
-        "The input is rank deficient (a singular value is below sqrt(eps) times the "
-        "largest), so its polar factor is not unique and has no derivative."
+        "The input is numerically rank deficient (a singular value is below "
+        "max(m, n) eps times the largest), so its polar factor is not unique and has "
+        "no derivative."
     )
 
 
@@ -43,8 +51,10 @@ class MatrixFunctionSolution(eqx.Module):
     - `result`: a [`jaxdecomp.RESULTS`][] code (batched like the input's leading dims
         are reduced: one code for the whole call).
     - `n_steps`: iterations taken (0 for direct methods).
-    - `residual`: the relative residual of the defining equation, e.g.
-        `||X X - A||_F / ||A||_F` for the square root.
+    - `residual`: the relative residual of the defining equation:
+        `||X X - A||_F / ||A||_F` for the square root (also for
+        `sqrtm_and_inv_sqrtm`), `||Y A Y - I||_F / sqrt(n)` for the inverse root,
+        `||U^T U - I||_F / sqrt(n)` for the polar factor.
     """
 
     value: Array | tuple[Array, ...]

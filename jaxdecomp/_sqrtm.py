@@ -20,9 +20,18 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._lyapunov import eig_solver, lyapunov_linear_solve, ns_solver
-from ._misc import check_matrix, default_tol, eye_like, fro, mm, mT, sym
+from ._misc import (
+    check_matrix,
+    default_tol,
+    eye_like,
+    fro,
+    mm,
+    mT,
+    safe_reciprocal,
+    sym,
+)
 from ._newton_schulz import coupled_sqrt, mixed_sqrt
-from ._rayleigh_ritz import eigh_functions, safe_reciprocal
+from ._rayleigh_ritz import eigh_functions
 from ._solution import RESULTS, MatrixFunctionSolution
 
 _METHODS = ("auto", "eigh", "newton_schulz", "mixed", "pade", "taylor")
@@ -109,9 +118,12 @@ class _Config(eqx.Module):
 
 @eqx.filter_custom_jvp
 def _sqrt_pair(a, *, cfg: _Config):
-    """Returns (x, y, v, mu, w, n_steps, ns_residual); unused entries are zeros."""
+    """Returns (x, y, v, mu, w, n_steps, error estimate); unused entries are zeros.
+    The error estimate (relative forward error of A^{1/2}, Newton-Schulz and mixed
+    only) sees eigenvalues that the iteration has not resolved."""
     n_steps = jnp.asarray(0)
-    ns_res = jnp.zeros((), a.dtype)
+    est = jnp.zeros((), a.dtype)
+    zy = jnp.zeros((), a.dtype)
     v = mu = w = jnp.zeros((), a.dtype)
     if cfg.method == "eigh":
         w, v = jnp.linalg.eigh(a)
@@ -126,17 +138,22 @@ def _sqrt_pair(a, *, cfg: _Config):
         s = jnp.sqrt(jnp.maximum(d, 0.0))
         mu = s if cfg.want_sqrt else 1 / s
     elif cfg.method == "newton_schulz":
-        x, y, n_steps, ns_res = coupled_sqrt(a, cfg.tol, cfg.max_steps)
+        x, y, n_steps, zy, est = coupled_sqrt(
+            a, cfg.tol, cfg.max_steps, want_inv=cfg.want_inv
+        )
         x, y = sym(x), sym(y)
     elif cfg.method == "mixed":
-        x, y, n_steps, ns_res = mixed_sqrt(a, cfg.tol, cfg.max_steps, cfg.want_inv)
+        x, y, n_steps, _, est = mixed_sqrt(a, cfg.tol, cfg.max_steps, cfg.want_inv)
         y = y if cfg.want_inv else None
     else:
         x, y = _song(a, cfg.method, True, cfg.want_inv)
     zero = jnp.zeros((), a.dtype)
     x = zero if x is None else x
     y = zero if y is None else y
-    return x, y, v, mu, w, n_steps, ns_res
+    # Newton-Schulz: the estimate is first order in I - ZY, so ZY must also have
+    # converged (an eigenvalue still far from resolved, or a zero one, fails here).
+    est = jnp.maximum(est, zy)
+    return x, y, v, mu, w, n_steps, est
 
 
 @_sqrt_pair.def_jvp
@@ -210,36 +227,60 @@ def _sqrtm_impl(a, name, method, backward, tol, max_steps, throw, full_output, w
     tol = 10 * default_tol(a.dtype, 1.0) if tol is None else float(tol)
     cfg = _Config(method, backward, want != "inv", want != "sqrt", tol, max_steps)
     a, result = _validate(a, name)
-    x, y, _, _, w, n_steps, _ = _sqrt_pair(a, cfg=cfg)
+    x, y, _, _, w, n_steps, est = _sqrt_pair(a, cfg=cfg)
     eps_half = default_tol(a.dtype, 0.5)
+    bound = 10 * eps_half  # the accuracy every checked result must have
     if method == "eigh":
         wmax = jnp.max(jnp.abs(w), axis=-1)
-        indefinite = jnp.any(jnp.min(w, axis=-1) < -eps_half * wmax)
+        wmin = jnp.min(w, axis=-1)
+        indefinite = jnp.any(wmin < -eps_half * wmax)
         result = RESULTS.where(
             (result == RESULTS.successful) & indefinite, RESULTS.indefinite, result
         )
-    # The defining equation, checked on the primal: X X = A, or Y A Y = I. eigh is
-    # backward stable (its failure modes are caught above), so it is only computed for
-    # full_output there; Newton-Schulz is accepted on it.
-    xs = jax.lax.stop_gradient(x if want != "inv" else y)
-    a_ = jax.lax.stop_gradient(a)
     iterative = method in ("newton_schulz", "mixed")
-    if iterative or full_output:
-        if want != "inv":
-            residual = fro(mm(xs, xs) - a_) / fro(a_)
-        else:
-            residual = fro(mm(mm(xs, a_), xs) - eye_like(a_)) / jnp.sqrt(a.shape[-1])
-        residual = jnp.max(residual)
-    else:
-        residual = None
-    if iterative:
-        bad = ~(residual <= 10 * eps_half)  # NaN counts as bad
+    checked_inv = want != "sqrt" and method in ("eigh", "newton_schulz", "mixed")
+    a_ = jax.lax.stop_gradient(a)
+
+    def sqrt_residual():  # ||X X - A||_F / ||A||_F
+        xs = jax.lax.stop_gradient(x)
+        return jnp.max(fro(mm(xs, xs) - a_) / fro(a_))
+
+    def inv_residual():  # ||Y A Y - I||_F / sqrt(n): sees errors along small lambda
+        ys = jax.lax.stop_gradient(y)
+        res = fro(mm(mm(ys, a_), ys) - eye_like(a_)) / jnp.sqrt(a.shape[-1])
+        return jnp.max(res).astype(a.dtype)
+
+    # The square root: eigh is backward stable, and its value is as accurate as the
+    # conditioning allows (indefiniteness is caught above). The iterations must have
+    # resolved every eigenvalue: both the residual and the forward-error estimate
+    # (which sees eigenvalues the iteration has not reached) must be small.
+    if iterative and want != "inv":
+        bad = ~(sqrt_residual() <= bound) | ~(est <= bound)  # NaN counts as bad
         code = RESULTS.where(
             jnp.asarray(n_steps >= max_steps),
             RESULTS.max_steps_reached,
             RESULTS.inaccurate,
         )
         result = RESULTS.where((result == RESULTS.successful) & bad, code, result)
+    # The inverse root: checked on its defining equation Y A Y = I, which an
+    # eigenvalue that is zero or below the rounding level breaks. For eigh the check
+    # (two matmuls) only runs when the eigenvalues say it can fail.
+    if checked_inv:
+        if method == "eigh":
+            ill = jnp.any(~(wmax * eps_half < 0.1 * wmin))  # also wmin <= 0, NaN
+            zero = jnp.zeros((), a.dtype)
+            inv_res = jax.lax.cond(ill, inv_residual, lambda: zero)
+        else:
+            inv_res = inv_residual()
+        result = RESULTS.where(
+            (result == RESULTS.successful) & ~(inv_res <= bound),
+            RESULTS.singular,
+            result,
+        )
+    if full_output:
+        residual = sqrt_residual() if want != "inv" else inv_residual()
+    else:
+        residual = None
     value = {"sqrt": x, "inv": y, "both": (x, y)}[want]
     if throw:
         value = result.error_if(value, result != RESULTS.successful)

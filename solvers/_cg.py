@@ -10,12 +10,85 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from jaxdecomp._misc import default_tol, mm
+from jaxdecomp._misc import default_tol, mm, stop_gradient_arrays
 
-from ._misc import cg_loop
+from ._misc import scaled_cg_loop
 from ._solution import RESULTS
+
+_DERIVATIVE_FAILED = (
+    "cg: a derivative solve (the tangent or cotangent system A dx = rhs of the "
+    "implicit derivative) did not converge within max_steps, so the derivative would "
+    "be wrong. Raise max_steps, use a better preconditioner, or check that the "
+    "operator is symmetric positive definite."
+)
+
+
+def _symmetry_probe(matvec, b) -> Array:
+    """Whether u^T (A v) = v^T (A u) for two fixed pseudo-random vectors, to within
+    sqrt(eps) (||u|| ||A v|| + ||v|| ||A u||): two matvecs that catch an operator that
+    is not symmetric, for which CG's answer (and the transposed solves of its
+    reverse-mode derivative) would be wrong."""
+    n = b.shape[0]
+    key_u, key_v = jax.random.split(jax.random.key(0))
+    u = jax.random.normal(key_u, (n,), b.dtype)
+    v = jax.random.normal(key_v, (n,), b.dtype)
+    av, au = lax.stop_gradient(matvec(v)), lax.stop_gradient(matvec(u))
+    gap = jnp.abs(jnp.vdot(u, av) - jnp.vdot(v, au))
+    scale = jnp.linalg.norm(u) * jnp.linalg.norm(av) + jnp.linalg.norm(v) * (
+        jnp.linalg.norm(au)
+    )
+    # NaN from a broken operator is reported by the solve itself, not as asymmetry
+    return ~(gap > default_tol(b.dtype, 0.5) * scale)
+
+
+def _is_none(x):
+    return x is None
+
+
+@eqx.filter_custom_jvp
+def _implicit_cg(op, b, x0, precond, *, opts, throw):
+    """CG from x0 with the implicit derivative dx = A^{-1}(db - dA x): every tangent
+    and cotangent is a CG solve of its own, from 0, checked for convergence (an
+    error, or NaN with throw=False, never a silently wrong derivative)."""
+    return scaled_cg_loop(
+        stop_gradient_arrays(op), precond, b, x0, unroll=False, **opts
+    )
+
+
+@_implicit_cg.def_jvp
+def _implicit_cg_jvp(primals, tangents, *, opts, throw):
+    op, b, x0, precond = primals
+    t_op, t_b, _, _ = tangents
+    out = _implicit_cg(op, b, x0, precond, opts=opts, throw=throw)
+    x = out[0]
+    # rhs = db - dA x, with dA x the tangent of A x in the operator's arrays
+    no_tangent = jax.tree_util.tree_map(_is_none, t_op, is_leaf=_is_none)
+    nondiff, diff = eqx.partition(op, no_tangent, is_leaf=_is_none)
+    t_diff = eqx.filter(t_op, no_tangent, inverse=True, is_leaf=_is_none)
+    _, dax = jax.jvp(lambda d: eqx.combine(d, nondiff)(x), (diff,), (t_diff,))
+    rhs = -dax if t_b is None else t_b - dax
+
+    def solve(matvec, rhs):
+        y, (_, _, converged, _) = scaled_cg_loop(
+            matvec, precond, rhs, jnp.zeros_like(rhs), unroll=False, **opts
+        )
+        if throw:
+            return eqx.error_if(y, ~converged, _DERIVATIVE_FAILED)
+        return jnp.where(converged, y, jnp.nan)
+
+    # differentiable in `op` too (second-order derivatives)
+    dx = lax.custom_linear_solve(op, rhs, solve, symmetric=True)
+    k, norms, converged, rnorm = out[1]
+    t_aux = (
+        np.zeros(k.shape, jax.dtypes.float0),
+        jnp.zeros_like(norms),
+        np.zeros(converged.shape, jax.dtypes.float0),
+        jnp.zeros_like(rnorm),
+    )
+    return out, (dx, t_aux)
 
 
 class CGSolution(eqx.Module):
@@ -181,34 +254,26 @@ def cg(
     opts = dict(
         rtol=rtol, atol=atol, max_steps=max_steps, flexible=flexible, memory=memory
     )
+    symmetric = _symmetry_probe(matvec, b)
 
     if differentiation == "unroll":
-        x, (k, norms, converged, rnorm) = cg_loop(
+        x, (k, norms, converged, rnorm) = scaled_cg_loop(
             matvec, precond, b_safe, x0, unroll=True, **opts
         )
     else:
-        # x0 is only an initial guess (also for the tangent and transpose solves,
-        # which use the same tolerances relative to their own right-hand sides).
-        x0_ = lax.stop_gradient(x0)
-
-        # The solution does not depend on the preconditioner, so the arrays it closes
-        # over are constants for differentiation (lax.custom_linear_solve cannot
-        # differentiate with respect to values closed over by `solve`: it fails).
-        precond_const = eqx.filter_closure_convert(precond, b_safe)
-        precond_const = jax.tree_util.tree_map(
-            lambda c: lax.stop_gradient(c) if eqx.is_array(c) else c, precond_const
+        # The solution does not depend on the preconditioner nor on x0, so their
+        # arrays are constants for differentiation.
+        precond_const = stop_gradient_arrays(
+            eqx.filter_closure_convert(precond, b_safe)
         )
-
-        def solve(matvec, rhs):
-            y, aux = cg_loop(matvec, precond_const, rhs, x0_, unroll=False, **opts)
-            return y, aux
-
-        x, (k, norms, converged, rnorm) = lax.custom_linear_solve(
-            matvec, b_safe, solve, symmetric=True, has_aux=True
+        op = eqx.filter_closure_convert(matvec, b_safe)
+        x, (k, norms, converged, rnorm) = _implicit_cg(
+            op, b_safe, lax.stop_gradient(x0), precond_const, opts=opts, throw=throw
         )
     breakdown = ~converged & (k < max_steps) & jnp.isfinite(rnorm)
     result = RESULTS.where(converged, RESULTS.successful, RESULTS.max_steps_reached)
     result = RESULTS.where(breakdown, RESULTS.not_spd, result)
+    result = RESULTS.where(symmetric, result, RESULTS.not_symmetric)
     result = RESULTS.where(
         finite_b & jnp.isfinite(rnorm), result, RESULTS.nonfinite_input
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -72,7 +73,15 @@ def gauge(f, g, a, b):
     return f + t, g - t
 
 
-def _tangent(c, a, b, eps, f, g, dc, da, db, deps):
+_TANGENT_FAILED = (
+    "optimal transport: the linear solve of the implicit derivative (the tangent or "
+    "cotangent of the potentials) did not converge, so the derivative would be wrong. "
+    "The problem is probably too ill-conditioned at this epsilon and dtype: use "
+    "float64 or a larger epsilon."
+)
+
+
+def _tangent(throw, c, a, b, eps, f, g, dc, da, db, deps):
     """Linearised marginal constraints, solved for (df, dg) by PCG on the Schur
     complement S = diag(P^T 1) - P^T diag(1/(P 1)) P (gauge direction 1 removed)."""
     p = jnp.exp(log_plan(f, g, c, eps))
@@ -95,7 +104,10 @@ def _tangent(c, a, b, eps, f, g, dc, da, db, deps):
     tol = default_tol(p.dtype, 2 / 3)
 
     def solve(matvec, rhs):
-        return pcg(matvec, rhs, inv_diag, tol, 10 * m)[0]
+        y, _, converged = pcg(matvec, rhs, inv_diag, tol, 10 * m)
+        if throw:
+            return eqx.error_if(y, ~converged, _TANGENT_FAILED)
+        return jnp.where(converged, y, jnp.nan)
 
     dg = lax.custom_linear_solve(matvec, rhs, solve, symmetric=True)
     df = (u - mm(p, dg)) / r
@@ -108,16 +120,18 @@ def _zero_tangent(x):
     return np.zeros(jnp.shape(x), jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def implicit_solve(run: Callable, c, a, b, eps):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def implicit_solve(run: Callable, throw: bool, c, a, b, eps):
     """`run(c, a, b, eps) -> (f, g, aux)` with derivatives of (f, g) by the implicit
-    function theorem on the marginal constraints (forward, reverse, any order)."""
+    function theorem on the marginal constraints (forward, reverse, any order). A
+    tangent or cotangent solve that does not converge raises (`throw`) or gives
+    NaN, never a silently wrong derivative."""
     return run(c, a, b, eps)
 
 
 @implicit_solve.defjvp
-def _implicit_solve_jvp(run, primals, tangents):
-    out = implicit_solve(run, *primals)
+def _implicit_solve_jvp(run, throw, primals, tangents):
+    out = implicit_solve(run, throw, *primals)
     f, g, aux = out
-    df, dg = _tangent(*primals, f, g, *tangents)
+    df, dg = _tangent(throw, *primals, f, g, *tangents)
     return out, (df, dg, jtu.tree_map(_zero_tangent, aux))

@@ -10,6 +10,19 @@ import jax.numpy as jnp
 from jaxdecomp._misc import mm
 
 
+def scaled_cg_loop(matvec, precond, b, x0, *, atol, **options):
+    """`cg_loop` on the problem scaled by s = max|b| (A (x / s) = b / s), so that the
+    norms in the stopping test neither underflow (||b|| ~ 1e-25 in float32 would
+    give a zero tolerance) nor overflow (~1e25 would give inf). The returned residual
+    norms are in the original units; b = 0 gives x = 0."""
+    s = lax.stop_gradient(jnp.max(jnp.abs(b)))
+    s = jnp.where((s > 0) & jnp.isfinite(s), s, 1).astype(b.dtype)
+    x, (k, norms, converged, rnorm) = cg_loop(
+        matvec, precond, b / s, x0 / s, atol=atol / s, **options
+    )
+    return x * s, (k, norms * s, converged, rnorm * s)
+
+
 def cg_loop(
     matvec, precond, b, x0, *, rtol, atol, max_steps, flexible, unroll, memory=1
 ):
@@ -79,8 +92,8 @@ def cg_loop(
 
 def pcg(matvec, b, inv_diag, rtol, max_steps: int):
     """Jacobi-preconditioned CG from 0 (the inner solver of the OT solvers): returns
-    the iterate and the step count."""
-    x, (k, *_) = cg_loop(
+    the iterate, the step count and whether it converged."""
+    x, (k, _, converged, _) = scaled_cg_loop(
         matvec,
         lambda r: inv_diag * r,
         b,
@@ -91,7 +104,7 @@ def pcg(matvec, b, inv_diag, rtol, max_steps: int):
         flexible=False,
         unroll=False,
     )
-    return x, k
+    return x, k, converged
 
 
 def register_operator(cls, *, symmetric, psd, diagonal=None):

@@ -127,10 +127,16 @@ def solve(
         init, decay = schedule(epsilon_schedule, c, eps)
         return loop(c, a, b, eps, tol=tol, eps_init=init, decay=decay, **loop_options)
 
+    # Every tolerance is relative to the total mass: the loops solve the problem
+    # with weights a / s, b / s (s = sum(a)), whose plan is P / s, so that the
+    # potentials are f = f' + eps log s, g = g'. Differentiable in s.
+    mass = jnp.sum(a)
+    a_n, b_n = a / mass, b / mass
     if implicit:
-        f, g, aux = implicit_solve(run, c, a, b, eps)
+        f, g, aux = implicit_solve(run, throw, c, a_n, b_n, eps)
     else:
-        f, g, aux = run(c, a, b, eps)
+        f, g, aux = run(c, a_n, b_n, eps)
+    f = f + eps * jnp.log(mass)
     return _finish(f, g, c, a, b, eps, aux, result, tol, throw)
 
 

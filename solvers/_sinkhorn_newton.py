@@ -164,7 +164,7 @@ def _newton_loop(
 
             def solve_dense():
                 matvec, diag = _dense_system(p, r, col, rho)
-                return pcg(matvec, rhs, 1.0 / diag, eta, cg_max_steps)
+                return pcg(matvec, rhs, 1.0 / diag, eta, cg_max_steps)[:2]
 
             if hessian == "dense":
                 delta, its = solve_dense()
@@ -206,7 +206,7 @@ def _newton_loop(
 
                 def solve_sparse():
                     matvec, diag = _sparse_system(vals, idx, r, col.shape[0], rho)
-                    return pcg(matvec, rhs, 1.0 / diag, eta, cg_max_steps)
+                    return pcg(matvec, rhs, 1.0 / diag, eta, cg_max_steps)[:2]
 
                 delta, its = lax.cond(kept >= kept_mass, solve_sparse, solve_dense)
 

@@ -39,6 +39,12 @@ class RESULTS(eqx.Enumeration):
         "Conjugate gradients broke down (p^T A p <= 0 or r^T M^{-1} r <= 0): the "
         "operator or the preconditioner is not symmetric positive definite."
     )
+    not_symmetric = (
+        "cg: the operator is not symmetric (a probe u^T A v - v^T A u exceeded "
+        "sqrt(eps) (||u|| ||Av|| + ||v|| ||Au||)); conjugate gradients and the "
+        "transposed solves of its derivative need a symmetric positive definite "
+        "operator. Use a nonsymmetric solver (e.g. lineax.GMRES)."
+    )
     nonfinite_output = (
         "The potentials became NaN or inf (epsilon too small for the dtype without an "
         "epsilon_schedule?)."
@@ -56,7 +62,8 @@ class OTSolution(eqx.Module):
     - `a`, `b`, `cost_matrix`, `epsilon`: the problem solved.
     - `n_steps`: iterations taken (Sinkhorn updates plus Newton steps).
     - `n_newton_steps`: Newton steps among them (0 for `sinkhorn`).
-    - `error`: L1 marginal violations `[sum|P 1 - a|, sum|P^T 1 - b|]`.
+    - `error`: L1 marginal violations relative to the total mass,
+        `[sum|P 1 - a|, sum|P^T 1 - b|] / sum(a)`.
     - `converged`: `max(error) <= tol` at the final epsilon.
     - `result`: a [`solvers.RESULTS`][] code.
 

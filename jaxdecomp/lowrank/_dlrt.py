@@ -11,7 +11,6 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
 import optax
 
@@ -55,10 +54,20 @@ def _mat_i(c):
 
 
 def _frame(m, mask):
-    """m^T = Q R for the mode unfolding m (rows masked, inactive rows trailing):
-    (Q^T with inactive rows zeroed, R with 1 on the inactive diagonal)."""
-    q, r = jnp.linalg.qr(m.T, mode="reduced")
-    return q.T * mask[:, None], r + jnp.diag(1 - mask)
+    """For the mode unfolding m (a, b k) (inactive rows zero): orthonormal rows Q^T
+    spanning m's row space and the pseudo-inverse R^+ of R with m^T = Q R, from the
+    SVD m = W S V^T (Q = V, R = S W^T, R^+ = W S^+). Directions with a singular
+    value at the rounding level (a singular core: zero-initialised, `with_rank` past
+    the trained rank, rank 0) are dropped, so the Riemannian gradient stays finite:
+    there the fixed-rank manifold has no tangent space in those directions and the
+    step moves the core first. Frames are ordered by singular value, so the active
+    ones lead, like `mask`."""
+    w, sv, vt = jnp.linalg.svd(m, full_matrices=False)
+    tiny = max(m.shape) * jnp.finfo(m.dtype).eps * jnp.max(sv)
+    keep = (sv > tiny) & (jnp.arange(sv.shape[0]) < jnp.sum(mask))
+    keep = keep.astype(m.dtype)
+    rinv = w * (keep / jnp.where(keep > 0, sv, 1))[None, :]
+    return vt * keep[:, None], rinv
 
 
 class _Point(eqx.Module):
@@ -70,7 +79,7 @@ class _Point(eqx.Module):
     mo: jax.Array
     mi: jax.Array
     qo: jax.Array  # (a, b, k): orthonormal rows spanning mat_o(C)'s row space
-    ro: jax.Array
+    ro: jax.Array  # (a, a): R_o^+ (see `_frame`)
     qi: jax.Array  # (b, a, k)
     ri: jax.Array
 
@@ -108,11 +117,11 @@ def _perp(u, y, mask):
 def _riemannian_grad(p: _Point, grad) -> _Tangent:
     """The projection of the loss gradient G onto the tangent space, from the factor
     gradients: D = dL/dC, Y^o = (I - U^o U^o^T) (dL/dU^o) R_o^{-1} (dL/dU^o =
-    mat_o(G x_i U^i^T) Q_o R_o); likewise Y^i."""
+    mat_o(G x_i U^i^T) Q_o R_o, with R_o^+ for a singular core); likewise Y^i."""
     guo, gc, gui, _, _ = grad._tucker()
     d = gc * (p.mo[:, None, None] * p.mi[None, :, None])
-    yo = jsl.solve_triangular(p.ro, (guo * p.mo).T, trans="T", lower=False).T
-    yi = jsl.solve_triangular(p.ri, (gui * p.mi).T, trans="T", lower=False).T
+    yo = mm(guo * p.mo, p.ro)
+    yi = mm(gui * p.mi, p.ri)
     return _Tangent(d, _perp(p.uo, yo, p.mo), _perp(p.ui, yi, p.mi))
 
 

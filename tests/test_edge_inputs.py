@@ -1,0 +1,571 @@
+"""Edge and bad input over the public API: every case must be *visible*.
+
+For each case the outcome must be one of
+- a library error: a trace-time `ValueError`/`TypeError` whose message names the
+  function, or a run-time `EquinoxRuntimeError` (`throw=True`);
+- a result code other than `successful` (`throw=False`);
+- a finite value within the documented accuracy of a float64 NumPy reference;
+and for derivatives: an error, or agreement with finite differences (or the exact
+derivative). No case is skipped because it fails. The case ids start with the defect
+class of docs/failure_modes.md, so a failing run counts silent cases by class.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxdecomp
+import solvers
+from jaxdecomp import lowrank
+
+F32, F64 = np.float32, np.float64
+RUNTIME_ERRORS = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)
+
+
+def _rel(x, ref):
+    x, ref = np.asarray(x, F64), np.asarray(ref, F64)
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300)
+
+
+def _bound(dtype):
+    # The checked accuracy of the matrix functions: residuals and error estimates
+    # <= 10 sqrt(eps); the forward error tracks them within a small factor.
+    return 30 * float(np.finfo(dtype).eps) ** 0.5
+
+
+def _spd(n, kappa, dtype, seed=0):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    return ((q * np.geomspace(1.0, 1.0 / kappa, n)) @ q.T).astype(dtype)
+
+
+def _rank_deficient_cov(dtype):
+    x = np.random.default_rng(1).standard_normal((4, 8))
+    return (x.T @ x / 4).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Matrix functions
+# --------------------------------------------------------------------------------------
+
+MATRICES = {
+    "spd_k1e2": lambda dt: _spd(5, 1e2, dt),
+    "spd_k1e4": lambda dt: _spd(5, 1e4, dt),
+    "spd_k1e8": lambda dt: _spd(5, 1e8, dt),
+    "spd_k1e12": lambda dt: _spd(5, 1e12, dt),
+    "spd_k1e16": lambda dt: _spd(5, 1e16, dt),
+    "one_by_one": lambda dt: np.array([[4.0]], dt),
+    "identity": lambda dt: np.eye(4, dtype=dt),
+    "zero": lambda dt: np.zeros((3, 3), dt),
+    "singular_diag": lambda dt: np.diag([1.0, 0.0]).astype(dt),
+    "rank_deficient_cov": _rank_deficient_cov,
+    "indefinite": lambda dt: np.diag([1.0, -1.0, 2.0]).astype(dt),
+    "non_symmetric": lambda dt: np.array([[2.0, 1.0], [0.0, 3.0]], dt),
+    "nan": lambda dt: np.array([[1.0, np.nan], [np.nan, 1.0]], dt),
+    "inf": lambda dt: np.array([[np.inf, 0.0], [0.0, 1.0]], dt),
+    "scale_1e-30": lambda dt: (1e-30 * _spd(4, 10, F64)).astype(dt),
+    "scale_1e30": lambda dt: (1e30 * _spd(4, 10, F64)).astype(dt),
+    "batch": lambda dt: np.stack([_spd(3, 10, dt, s) for s in range(3)]),
+}
+
+
+def _eig_fn(a, f):
+    w, v = np.linalg.eigh(np.asarray(a, F64))
+    return (v * f(w)) @ np.swapaxes(v, -1, -2)
+
+
+REFERENCES = {
+    "sqrtm": lambda a: _eig_fn(a, lambda w: np.sqrt(np.maximum(w, 0))),
+    "inv_sqrtm": lambda a: _eig_fn(a, lambda w: 1 / np.sqrt(w)),
+    "inv_pth_root": lambda a: _eig_fn(a, lambda w: w ** (-1 / 4)),
+}
+
+FUNCTIONS = [
+    ("sqrtm", "eigh"),
+    ("sqrtm", "newton_schulz"),
+    ("sqrtm", "mixed"),
+    ("inv_sqrtm", "eigh"),
+    ("inv_sqrtm", "newton_schulz"),
+    ("sqrtm_and_inv_sqrtm", "eigh"),
+    ("sqrtm_and_inv_sqrtm", "newton_schulz"),
+    ("sqrtm_and_inv_sqrtm", "mixed"),
+    ("inv_pth_root", "eigh"),
+    ("inv_pth_root", "newton_schulz"),
+]
+
+
+def _call(name, method, a):
+    if name == "inv_pth_root":
+        return jaxdecomp.inv_pth_root(
+            a, 4, method=method, throw=False, full_output=True
+        )
+    fn = getattr(jaxdecomp, name)
+    return fn(a, method=method, throw=False, full_output=True)
+
+
+def _check_matrix_function(name, method, a):
+    try:
+        sol = _call(name, method, jnp.asarray(a))
+    except (ValueError, TypeError) as e:
+        assert name in str(e), str(e)
+        return
+    if sol.result != jaxdecomp.RESULTS.successful:
+        return  # visible
+    values = sol.value if isinstance(sol.value, tuple) else (sol.value,)
+    for v in values:
+        assert v.dtype == a.dtype
+        assert np.all(np.isfinite(np.asarray(v))), "successful but not finite"
+    if name == "sqrtm_and_inv_sqrtm":
+        pairs = [(values[0], REFERENCES["sqrtm"]), (values[1], REFERENCES["inv_sqrtm"])]
+    else:
+        pairs = [(values[0], REFERENCES[name])]
+    for v, ref in pairs:
+        err = _rel(v, ref(a))
+        assert err <= _bound(a.dtype), f"successful but {err:.2e} wrong"
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(MATRICES))
+@pytest.mark.parametrize(
+    "name,method", FUNCTIONS, ids=[f"{n}-{m}" for n, m in FUNCTIONS]
+)
+def test_matrix_function_edge(name, method, case, dtype):
+    _check_matrix_function(name, method, MATRICES[case](dtype))
+
+
+@pytest.mark.parametrize(
+    "a",
+    [
+        np.zeros((0, 0)),
+        np.zeros((2, 0, 0)),
+        np.ones(3),
+        np.ones((2, 3)),
+        np.eye(3, dtype=np.int32),
+        np.eye(3, dtype=np.float16),
+        np.eye(3, dtype=np.complex64),
+    ],
+    ids=["empty", "empty_batch", "vector", "non_square", "int", "float16", "complex"],
+)
+@pytest.mark.parametrize(
+    "fn",
+    [jaxdecomp.sqrtm, jaxdecomp.inv_sqrtm, jaxdecomp.sqrtm_and_inv_sqrtm],
+    ids=lambda f: f.__name__,
+)
+def test_shape_dtype_errors_at_trace_time(fn, a):
+    with pytest.raises((ValueError, TypeError), match=fn.__name__):
+        fn(a)
+
+
+POLAR_INPUTS = {
+    "well": lambda dt: np.random.default_rng(0).standard_normal((6, 4)).astype(dt),
+    "wide": lambda dt: np.random.default_rng(0).standard_normal((3, 5)).astype(dt),
+    "k1e4": lambda dt: (_spd(5, 1e4, F64) @ np.diag([1, 2, 3, 4, 5.0])).astype(dt),
+    "k1e8": lambda dt: _spd(5, 1e8, dt),
+    "rank_deficient": lambda dt: np.outer(np.arange(1.0, 5), np.ones(3)).astype(dt),
+    "zero": lambda dt: np.zeros((3, 3), dt),
+    "nan": lambda dt: np.full((2, 2), np.nan, dt),
+    "scale_1e-30": lambda dt: (1e-30 * _spd(3, 10, F64)).astype(dt),
+}
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(POLAR_INPUTS))
+@pytest.mark.parametrize("method", ["svd", "newton_schulz"])
+def test_polar_edge(method, case, dtype):
+    a = POLAR_INPUTS[case](dtype)
+    sol = jaxdecomp.polar(jnp.asarray(a), method=method, throw=False, full_output=True)
+    if sol.result != jaxdecomp.RESULTS.successful:
+        assert case in ("rank_deficient", "zero", "nan") or (
+            case == "k1e8" and dtype == F32
+        ), "a full-rank, well-resolved input was rejected"
+        return
+    w, s, vt = np.linalg.svd(np.asarray(a, F64), full_matrices=False)
+    kappa = s[0] / s[-1]
+    err = _rel(sol.value, w @ vt)
+    # U is as accurate as the conditioning allows: kappa eps, capped by the check
+    assert err <= 30 * max(kappa * np.finfo(dtype).eps, np.finfo(dtype).eps ** 0.5)
+
+
+LYAPUNOV_INPUTS = {
+    "spd": (lambda dt: _spd(4, 10, dt), lambda dt: np.eye(4, dtype=dt)),
+    "non_symmetric_s": (
+        lambda dt: np.array([[2.0, 1.0], [0.0, 3.0]], dt),
+        lambda dt: np.eye(2, dtype=dt),
+    ),
+    "nan_g": (lambda dt: np.eye(2, dtype=dt), lambda dt: np.full((2, 2), np.nan, dt)),
+    "indefinite_s": (
+        lambda dt: np.diag([1.0, -1.0]).astype(dt),
+        lambda dt: np.eye(2, dtype=dt),
+    ),
+    "singular_s": (
+        lambda dt: np.diag([1.0, 0.0]).astype(dt),
+        lambda dt: np.eye(2, dtype=dt),
+    ),
+    "ill_conditioned_s": (lambda dt: _spd(4, 1e12, dt), lambda dt: _spd(4, 3, dt, 7)),
+}
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(LYAPUNOV_INPUTS))
+@pytest.mark.parametrize("method", ["eigh", "newton_schulz"])
+def test_solve_lyapunov_edge(method, case, dtype):
+    s, g = (f(dtype) for f in LYAPUNOV_INPUTS[case])
+    sol = jaxdecomp.solve_lyapunov(
+        jnp.asarray(s), jnp.asarray(g), method=method, throw=False, full_output=True
+    )
+    if sol.result != jaxdecomp.RESULTS.successful:
+        assert case != "spd"
+        return
+    s64, g64 = np.asarray(s, F64), np.asarray(g, F64)
+    ref = __import__("scipy.linalg").linalg.solve_continuous_lyapunov(s64, g64)
+    err = _rel(sol.value, ref)
+    w = np.linalg.eigvalsh(0.5 * (s64 + s64.T))
+    kappa = w.max() / w.min()
+    assert err <= 30 * max(kappa * np.finfo(dtype).eps, np.finfo(dtype).eps ** 0.5)
+
+
+# --------------------------------------------------------------------------------------
+# Derivatives of the matrix functions at edge input
+# --------------------------------------------------------------------------------------
+
+
+def _fd_jvp(f, x, dx, h=1e-6):
+    return (f(x + h * dx) - f(x - h * dx)) / (2 * h)
+
+
+def test_sqrtm_gradient_at_semidefinite_input_is_finite_and_exact_on_its_manifold():
+    # A = B B^T with B of rank 2 in R^4: perturbing B keeps the null space, and the
+    # derivative there is finite; it must match finite differences in B.
+    b = np.random.default_rng(3).standard_normal((4, 2))
+    db = np.random.default_rng(4).standard_normal((4, 2))
+
+    def f(b):
+        return jaxdecomp.sqrtm(b @ b.T)
+
+    _, tangent = jax.jvp(f, (jnp.asarray(b),), (jnp.asarray(db),))
+    fd = _fd_jvp(lambda b: np.asarray(f(jnp.asarray(b))), b, db)
+    assert np.all(np.isfinite(np.asarray(tangent)))
+    np.testing.assert_allclose(tangent, fd, rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda b: jnp.sum(f(b) ** 2))(jnp.asarray(b))
+    assert np.all(np.isfinite(np.asarray(g)))
+    # diag(1, 0): finite everywhere; the (1,1) entry is d sqrt(t)/dt = 1/2 and the
+    # off-diagonal derivative 1 / (1 + 0) = 1 (the reproducer was NaN everywhere).
+    g = jax.grad(lambda a: jaxdecomp.sqrtm(a).sum())(jnp.diag(jnp.array([1.0, 0.0])))
+    np.testing.assert_allclose(g, [[0.5, 1.0], [1.0, 0.0]], atol=1e-12)
+
+
+def test_inverse_root_gradient_at_singular_input_is_not_silent():
+    a = jnp.asarray(_rank_deficient_cov(F64))
+    with pytest.raises(RUNTIME_ERRORS):
+        jax.block_until_ready(jax.grad(lambda a: jaxdecomp.inv_sqrtm(a).sum())(a))
+
+
+def test_polar_newton_schulz_derivative_ill_conditioned():
+    a = jnp.asarray(_spd(5, 1e4, F64) @ np.diag([1, 2, 3, 4, 5.0]))
+    da = jnp.asarray(np.random.default_rng(0).standard_normal((5, 5)))
+    f = lambda a: jaxdecomp.polar(a, method="newton_schulz")  # noqa: E731
+    _, t = jax.jvp(f, (a,), (da,))
+    fd = _fd_jvp(
+        lambda a: np.asarray(jaxdecomp.polar(jnp.asarray(a), method="svd")),
+        np.asarray(a),
+        np.asarray(da),
+        h=1e-9,
+    )
+    assert _rel(t, fd) < 1e-4
+
+
+# --------------------------------------------------------------------------------------
+# Conjugate gradients
+# --------------------------------------------------------------------------------------
+
+_SPD4 = _spd(4, 10, F64)
+
+
+def _cg_cases():
+    e1 = np.eye(4)[0]
+    return {
+        "spd": (_SPD4, e1, {}),
+        "zero_rhs": (_SPD4, np.zeros(4), {}),
+        "indefinite": (np.diag([1.0, -1.0, 2.0, 3.0]), np.ones(4), {}),
+        "non_symmetric": (np.array([[2.0, 1.0], [0.0, 3.0]]), np.ones(2), {}),
+        "nan_rhs": (_SPD4, np.full(4, np.nan), {}),
+        "nan_operator": (np.full((4, 4), np.nan), np.ones(4), {}),
+        "max_steps_1": (_spd(40, 1e6, F64), np.ones(40), {"max_steps": 1}),
+        "tiny_rhs": (_SPD4, 1e-25 * np.ones(4), {}),
+        "huge_rhs": (_SPD4, 1e25 * np.ones(4), {}),
+        "nan_preconditioner": (_SPD4, np.ones(4), {"preconditioner": "nan"}),
+        "zero_preconditioner": (_SPD4, np.ones(4), {"preconditioner": "zero"}),
+    }
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(_cg_cases()))
+def test_cg_edge(case, dtype):
+    a, b, kw = _cg_cases()[case]
+    kw = dict(kw)
+    if kw.get("preconditioner") == "nan":
+        kw["preconditioner"] = lambda r: r * jnp.nan
+    elif kw.get("preconditioner") == "zero":
+        kw["preconditioner"] = lambda r: 0 * r
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    sol = solvers.cg(a, b, throw=False, **kw)
+    if sol.result != solvers.RESULTS.successful:
+        assert case not in ("spd", "zero_rhs", "tiny_rhs", "huge_rhs")
+        return
+    x = np.asarray(sol.x, F64)
+    assert np.all(np.isfinite(x))
+    ref = np.linalg.solve(np.asarray(a, F64), np.asarray(b, F64))
+    assert _rel(x, ref) <= 1e3 * float(np.finfo(dtype).eps) ** 0.5
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"max_steps": 0}, {"max_steps": 2.5}, {"memory": 0, "flexible": True}],
+    ids=["max_steps_0", "max_steps_float", "memory_0"],
+)
+def test_cg_bad_options(kw):
+    with pytest.raises(ValueError, match="cg"):
+        solvers.cg(_SPD4, np.ones(4), **kw)
+
+
+@pytest.mark.parametrize(
+    "b",
+    [np.zeros(0), np.ones((2, 2)), np.ones(3), np.arange(4)],
+    ids=["empty", "matrix", "wrong_size", "int"],
+)
+def test_cg_bad_rhs(b):
+    with pytest.raises((ValueError, TypeError), match="cg"):
+        solvers.cg(_SPD4, b)
+
+
+def test_cg_derivative_solves_are_checked():
+    # reproducer: the cotangent solve stopped at max_steps, 99.97% wrong, no error
+    a = jnp.diag(jnp.geomspace(1.0, 1e-6, 40))
+    b = jnp.zeros(40).at[0].set(1.0)
+    with pytest.raises(RUNTIME_ERRORS):
+        g = jax.grad(lambda b: solvers.cg(a, b, max_steps=5).x.sum())(b)
+        jax.block_until_ready(g)
+    # a primal that converges from a good warm start, whose cotangent solve does not
+    a = jnp.diag(jnp.geomspace(1.0, 1e-3, 30))
+    b = jnp.ones(30)
+    x0 = jnp.linalg.solve(a, b)
+    sol = solvers.cg(a, b, x0=x0, max_steps=3)
+    assert sol.result == solvers.RESULTS.successful
+    with pytest.raises(RUNTIME_ERRORS):
+        g = jax.grad(lambda b: solvers.cg(a, b, x0=x0, max_steps=3).x.sum())(b)
+        jax.block_until_ready(g)
+    g = jax.grad(lambda b: solvers.cg(a, b, x0=x0, max_steps=3, throw=False).x.sum())(b)
+    assert np.all(np.isnan(np.asarray(g)))  # throw=False: NaN, not a wrong number
+    # and a converged one is exact
+    g = jax.grad(lambda b: solvers.cg(a, b).x.sum())(b)
+    np.testing.assert_allclose(g, np.linalg.solve(np.asarray(a).T, np.ones(30)))
+
+
+def test_cg_non_symmetric_gradient_is_not_silent():
+    a = jnp.array([[2.0, 1.0], [0.0, 3.0]])
+    with pytest.raises(RUNTIME_ERRORS):
+        jax.block_until_ready(jax.grad(lambda b: solvers.cg(a, b).x.sum())(jnp.ones(2)))
+
+
+# --------------------------------------------------------------------------------------
+# Optimal transport
+# --------------------------------------------------------------------------------------
+
+
+def _clouds(dtype, n=12, m=10, offset=0.0):
+    rng = np.random.default_rng(0)
+    return (rng.uniform(size=(n, 2)) + offset).astype(dtype), (
+        rng.uniform(size=(m, 2)) + offset
+    ).astype(dtype)
+
+
+def _ot_cases():
+    n, m = 12, 10
+    return {
+        "uniform": ({}, True),
+        "tiny_mass": ({"a": np.full(n, 1e-6 / n), "b": np.full(m, 1e-6 / m)}, True),
+        "huge_mass": ({"a": np.full(n, 1e6 / n), "b": np.full(m, 1e6 / m)}, True),
+        "zero_weight": ({"a": np.r_[0.0, np.full(n - 1, 1 / (n - 1))]}, False),
+        "negative_weight": ({"a": np.r_[-0.1, np.full(n - 1, 1.1 / (n - 1))]}, False),
+        "nan_weight": ({"a": np.r_[np.nan, np.full(n - 1, 1 / (n - 1))]}, False),
+        "all_zero_weights": ({"a": np.zeros(n), "b": np.zeros(m)}, False),
+        "unbalanced": ({"a": np.full(n, 2.0 / n)}, False),
+        "epsilon_nan": ({"epsilon": np.nan}, False),
+        "epsilon_huge": ({"epsilon": 1e6}, True),
+    }
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(_ot_cases()))
+@pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton"])
+def test_ot_edge(solver, case, dtype):
+    kw, valid = _ot_cases()[case]
+    kw = {k: (jnp.asarray(v, dtype) if k in "ab" else v) for k, v in kw.items()}
+    kw.setdefault("epsilon", 0.05)
+    x, y = _clouds(dtype)
+    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
+    try:
+        out = getattr(solvers, solver)(geom, throw=False, **kw)
+    except (ValueError, TypeError) as e:
+        assert solver in str(e)
+        return
+    if out.result != solvers.RESULTS.successful:
+        assert not valid, out.result
+        return
+    assert valid, "invalid input accepted"
+    p = np.asarray(out.plan(), F64)
+    a = np.asarray(out.a, F64)
+    b = np.asarray(out.b, F64)
+    tol = float(np.finfo(dtype).eps) ** 0.5
+    # the tolerance is relative to the mass, whatever the mass
+    assert np.abs(p.sum(1) - a).sum() <= 10 * tol * a.sum()
+    assert np.abs(p.sum(0) - b).sum() <= 10 * tol * a.sum()
+
+
+def test_ot_tiny_mass_is_solved_as_accurately_as_unit_mass():
+    x, y = _clouds(F64)
+    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
+    unit = solvers.sinkhorn(geom, epsilon=1e-2)
+    s = 1e-6
+    tiny = solvers.sinkhorn(
+        geom, jnp.full(12, s / 12), jnp.full(10, s / 10), epsilon=1e-2
+    )
+    np.testing.assert_allclose(tiny.plan() / s, unit.plan(), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(tiny.transport_cost / s, unit.transport_cost, rtol=1e-6)
+    ga = jax.grad(
+        lambda x: (
+            solvers.sinkhorn(
+                solvers.PointCloud(x, jnp.asarray(y)),
+                jnp.full(12, s / 12),
+                jnp.full(10, s / 10),
+                epsilon=1e-2,
+            ).reg_ot_cost
+        )
+    )(jnp.asarray(x))
+    gu = jax.grad(
+        lambda x: (
+            solvers.sinkhorn(
+                solvers.PointCloud(x, jnp.asarray(y)), epsilon=1e-2
+            ).reg_ot_cost
+        )
+    )(jnp.asarray(x))
+    np.testing.assert_allclose(ga / s, gu, rtol=1e-5, atol=1e-10)
+
+
+def test_pointcloud_float32_far_from_origin():
+    x, y = _clouds(F64, offset=1e3)
+    x32, y32 = x.astype(F32), y.astype(F32)
+    c = solvers.PointCloud(jnp.asarray(x32), jnp.asarray(y32)).cost_matrix
+    ref = ((x32.astype(F64)[:, None] - y32.astype(F64)[None]) ** 2).sum(-1)
+    assert np.abs(np.asarray(c, F64) - ref).max() <= 1e-5 * max(ref.max(), 1)
+    out = solvers.sinkhorn(
+        solvers.PointCloud(jnp.asarray(x32), jnp.asarray(y32)), epsilon=0.05
+    )
+    out64 = solvers.sinkhorn(
+        solvers.PointCloud(jnp.asarray(x32.astype(F64)), jnp.asarray(y32.astype(F64))),
+        epsilon=0.05,
+    )
+    np.testing.assert_allclose(out.transport_cost, out64.transport_cost, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (np.zeros((0, 2)), np.ones((3, 2))),
+        (np.ones((3, 2)), np.ones((3, 3))),
+        (np.ones(3), np.ones(3)),
+        (np.ones((3, 2), np.int32), np.ones((3, 2), np.int32)),
+    ],
+    ids=["empty", "dim_mismatch", "vectors", "int"],
+)
+def test_pointcloud_bad_input(args):
+    with pytest.raises((ValueError, TypeError), match="PointCloud"):
+        solvers.PointCloud(jnp.asarray(args[0]), jnp.asarray(args[1]))
+
+
+# --------------------------------------------------------------------------------------
+# Implicit differentiation
+# --------------------------------------------------------------------------------------
+
+
+def test_custom_root_check_is_scale_invariant_and_ignores_x0():
+    def F(x, t):
+        return x**3 - t
+
+    @jaxdecomp.custom_root(F)
+    def bad(x0, t):  # stops at residual ~0.6, whatever x0
+        return jnp.cbrt(t) + 0.6 / (3 * jnp.cbrt(t) ** 2)
+
+    @jaxdecomp.custom_root(F)
+    def good(x0, t):
+        return jnp.cbrt(t)
+
+    t = jnp.asarray(8.0)
+    for x0 in (jnp.asarray(1e4), jnp.asarray(0.0), jnp.asarray(2.0)):
+        with pytest.raises(RUNTIME_ERRORS):
+            jax.block_until_ready(jax.grad(lambda t: bad(x0, t))(t))
+        np.testing.assert_allclose(jax.grad(lambda t: good(x0, t))(t), 1 / 12)
+
+    # rescaling F does not change the verdict
+    @jaxdecomp.custom_root(lambda x, t: 1e-12 * (x**3 - t))
+    def bad_scaled(x0, t):
+        return jnp.cbrt(t) + 0.6 / (3 * jnp.cbrt(t) ** 2)
+
+    with pytest.raises(RUNTIME_ERRORS):
+        jax.block_until_ready(jax.grad(lambda t: bad_scaled(0.0, t))(t))
+
+
+def test_custom_root_root_at_zero_is_accepted():
+    @jaxdecomp.custom_root(lambda x, t: x - t, symmetric=True)
+    def solve(x0, t):
+        return t
+
+    assert float(jax.grad(lambda t: solve(0.0, t))(jnp.asarray(0.0))) == 1.0
+
+
+# --------------------------------------------------------------------------------------
+# Low-rank training from singular cores
+# --------------------------------------------------------------------------------------
+
+
+def _dlrt_steps(layer, steps=3):
+    x = jax.random.normal(jax.random.key(1), (32, 12), dtype=jnp.float32)
+    y = x @ jax.random.normal(jax.random.key(2), (12, 8), dtype=jnp.float32)
+
+    def loss(m):
+        return jnp.mean((jax.vmap(m)(x) - y) ** 2)
+
+    opt = lowrank.dlrt(0.05, tau=0.05)
+    state = opt.init(layer)
+    losses = [float(loss(layer))]
+    for _ in range(steps):
+        updates, state = opt.update(jax.grad(loss)(layer), state, layer)
+        layer = optax.apply_updates(layer, updates)
+        losses.append(float(loss(layer)))
+    return layer, losses
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: eqx.tree_at(lambda lyr: lyr.s, m, jnp.zeros_like(m.s)),
+        lambda m: eqx.tree_at(lambda lyr: lyr.s, m, m.s.at[1, 1].set(0.0)),
+        lambda m: m.with_rank(0),
+        lambda m: eqx.tree_at(lambda lyr: lyr.s, m, m.s.at[4:, 4:].set(0.0)).with_rank(
+            6
+        ),
+    ],
+    ids=["zero_core", "singular_core", "rank_0", "with_rank_past_trained"],
+)
+def test_dlrt_singular_core_stays_finite(make):
+    layer = lowrank.LowRankLinear(
+        12, 8, 6, rank=3, dtype=jnp.float32, key=jax.random.key(0)
+    )
+    layer = make(layer)
+    layer, losses = _dlrt_steps(layer)
+    assert np.all(np.isfinite(np.asarray(layer.weight)))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
