@@ -64,7 +64,7 @@ def _frame(m, mask):
     ones lead, like `mask`."""
     w, sv, vt = jnp.linalg.svd(m, full_matrices=False)
     tiny = max(m.shape) * jnp.finfo(m.dtype).eps * jnp.max(sv)
-    keep = (sv > tiny) & (jnp.arange(sv.shape[0]) < jnp.sum(mask))
+    keep = (sv > tiny) & (jnp.arange(sv.shape[0], dtype=mask.dtype) < jnp.sum(mask))
     keep = keep.astype(m.dtype)
     rinv = w * (keep / jnp.where(keep > 0, sv, 1))[None, :]
     return vt * keep[:, None], rinv
