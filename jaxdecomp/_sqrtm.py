@@ -118,12 +118,12 @@ class _Config(eqx.Module):
 
 @eqx.filter_custom_jvp
 def _sqrt_pair(a, *, cfg: _Config):
-    """Returns (x, y, v, mu, w, n_steps, error estimate); unused entries are zeros.
-    The error estimate (relative forward error of A^{1/2}, Newton-Schulz and mixed
-    only) sees eigenvalues that the iteration has not resolved."""
+    """Returns (x, y, v, mu, w, n_steps, error measure); unused entries are zeros.
+    The error measure (Newton-Schulz: ||ZY - I||_F / sqrt(n); mixed: the
+    extrapolated last correction) sees eigenvalues that the iteration has not
+    resolved, which the residual ||X^2 - A|| hides."""
     n_steps = jnp.asarray(0)
     est = jnp.zeros((), a.dtype)
-    zy = jnp.zeros((), a.dtype)
     v = mu = w = jnp.zeros((), a.dtype)
     if cfg.method == "eigh":
         w, v = jnp.linalg.eigh(a)
@@ -138,9 +138,8 @@ def _sqrt_pair(a, *, cfg: _Config):
         s = jnp.sqrt(jnp.maximum(d, 0.0))
         mu = s if cfg.want_sqrt else 1 / s
     elif cfg.method == "newton_schulz":
-        x, y, n_steps, zy, est = coupled_sqrt(
-            a, cfg.tol, cfg.max_steps, want_inv=cfg.want_inv
-        )
+        # ||ZY - I|| is the error measure: it sees unresolved eigenvalues
+        x, y, n_steps, est = coupled_sqrt(a, cfg.tol, cfg.max_steps)
         x, y = sym(x), sym(y)
     elif cfg.method == "mixed":
         x, y, n_steps, _, est = mixed_sqrt(a, cfg.tol, cfg.max_steps, cfg.want_inv)
@@ -150,9 +149,6 @@ def _sqrt_pair(a, *, cfg: _Config):
     zero = jnp.zeros((), a.dtype)
     x = zero if x is None else x
     y = zero if y is None else y
-    # Newton-Schulz: the estimate is first order in I - ZY, so ZY must also have
-    # converged (an eigenvalue still far from resolved, or a zero one, fails here).
-    est = jnp.maximum(est, zy)
     return x, y, v, mu, w, n_steps, est
 
 
@@ -204,6 +200,31 @@ def _validate(a: Array, name: str) -> tuple[Array, RESULTS]:
     return a, result
 
 
+def inverse_root_check(result, residual_fn, w, dtype, always: bool):
+    """(result, residual): `singular` unless `residual_fn()`, the relative residual of
+    an inverse root's defining equation (||Y A Y - I||_F / sqrt(n), ||Z^p A - I||),
+    is at most 10 sqrt(eps). An eigenvalue that is zero or below the rounding level
+    breaks it. Given the eigenvalues `w` (eigh; None otherwise) the residual is only
+    computed (`lax.cond`) when they say it can exceed the bound, kappa > 0.1 /
+    sqrt(eps) or lambda_min <= 0 (it grows like kappa eps), unless `always`."""
+    eps_half = default_tol(dtype, 0.5)
+
+    def residual():
+        return jnp.max(residual_fn()).astype(dtype)
+
+    if w is None or always:
+        res = residual()
+    else:
+        wmax = jnp.max(jnp.abs(w), axis=-1)
+        ill = jnp.any(~(wmax * eps_half < 0.1 * jnp.min(w, axis=-1)))  # also NaN
+        res = jax.lax.cond(ill, residual, lambda: jnp.zeros((), dtype))
+    bad = ~(res <= 10 * eps_half)  # NaN counts as bad
+    result = RESULTS.where(
+        (result == RESULTS.successful) & bad, RESULTS.singular, result
+    )
+    return result, res
+
+
 def _choose_method(method: str) -> str:
     if method != "auto":
         return method
@@ -232,55 +253,39 @@ def _sqrtm_impl(a, name, method, backward, tol, max_steps, throw, full_output, w
     bound = 10 * eps_half  # the accuracy every checked result must have
     if method == "eigh":
         wmax = jnp.max(jnp.abs(w), axis=-1)
-        wmin = jnp.min(w, axis=-1)
-        indefinite = jnp.any(wmin < -eps_half * wmax)
+        indefinite = jnp.any(jnp.min(w, axis=-1) < -eps_half * wmax)
         result = RESULTS.where(
             (result == RESULTS.successful) & indefinite, RESULTS.indefinite, result
         )
     iterative = method in ("newton_schulz", "mixed")
-    checked_inv = want != "sqrt" and method in ("eigh", "newton_schulz", "mixed")
     a_ = jax.lax.stop_gradient(a)
-
-    def sqrt_residual():  # ||X X - A||_F / ||A||_F
-        xs = jax.lax.stop_gradient(x)
-        return jnp.max(fro(mm(xs, xs) - a_) / fro(a_))
-
-    def inv_residual():  # ||Y A Y - I||_F / sqrt(n): sees errors along small lambda
-        ys = jax.lax.stop_gradient(y)
-        res = fro(mm(mm(ys, a_), ys) - eye_like(a_)) / jnp.sqrt(a.shape[-1])
-        return jnp.max(res).astype(a.dtype)
-
+    residual = None
     # The square root: eigh is backward stable, and its value is as accurate as the
-    # conditioning allows (indefiniteness is caught above). The iterations must have
-    # resolved every eigenvalue: both the residual and the forward-error estimate
-    # (which sees eigenvalues the iteration has not reached) must be small.
-    if iterative and want != "inv":
-        bad = ~(sqrt_residual() <= bound) | ~(est <= bound)  # NaN counts as bad
-        code = RESULTS.where(
-            jnp.asarray(n_steps >= max_steps),
-            RESULTS.max_steps_reached,
-            RESULTS.inaccurate,
+    # conditioning allows (indefiniteness is caught above). The iterations must also
+    # have resolved every eigenvalue, which their error measure sees and the
+    # residual does not.
+    if want != "inv" and (iterative or full_output):
+        xs = jax.lax.stop_gradient(x)
+        residual = jnp.max(fro(mm(xs, xs) - a_) / fro(a_))
+        if iterative:
+            bad = ~(residual <= bound) | ~(est <= bound)  # NaN counts as bad
+            code = RESULTS.where(
+                jnp.asarray(n_steps >= max_steps),
+                RESULTS.max_steps_reached,
+                RESULTS.inaccurate,
+            )
+            result = RESULTS.where((result == RESULTS.successful) & bad, code, result)
+    if want != "sqrt" and method in ("eigh", "newton_schulz", "mixed"):
+
+        def inv_residual():  # ||Y A Y - I||_F / sqrt(n)
+            ys = jax.lax.stop_gradient(y)
+            return fro(mm(mm(ys, a_), ys) - eye_like(a_)) / jnp.sqrt(a.shape[-1])
+
+        w_ = w if method == "eigh" else None
+        result, inv_res = inverse_root_check(
+            result, inv_residual, w_, a.dtype, full_output and want == "inv"
         )
-        result = RESULTS.where((result == RESULTS.successful) & bad, code, result)
-    # The inverse root: checked on its defining equation Y A Y = I, which an
-    # eigenvalue that is zero or below the rounding level breaks. For eigh the check
-    # (two matmuls) only runs when the eigenvalues say it can fail.
-    if checked_inv:
-        if method == "eigh":
-            ill = jnp.any(~(wmax * eps_half < 0.1 * wmin))  # also wmin <= 0, NaN
-            zero = jnp.zeros((), a.dtype)
-            inv_res = jax.lax.cond(ill, inv_residual, lambda: zero)
-        else:
-            inv_res = inv_residual()
-        result = RESULTS.where(
-            (result == RESULTS.successful) & ~(inv_res <= bound),
-            RESULTS.singular,
-            result,
-        )
-    if full_output:
-        residual = sqrt_residual() if want != "inv" else inv_residual()
-    else:
-        residual = None
+        residual = inv_res if want == "inv" else residual
     value = {"sqrt": x, "inv": y, "both": (x, y)}[want]
     if throw:
         value = result.error_if(value, result != RESULTS.successful)
