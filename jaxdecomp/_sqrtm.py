@@ -361,11 +361,19 @@ _DOC_COMMON = r"""
     At run time (`throw=True`, via `eqx.error_if`, also under `jit`): NaN/inf input,
     a non-symmetric input ($\|A - A^T\|_F > \sqrt{\varepsilon}\|A\|_F$), an
     indefinite input (a negative diagonal entry, or for `"eigh"` an eigenvalue below
-    $-\sqrt{\varepsilon}\|A\|$), or a result whose relative residual exceeds
-    $10\sqrt{\varepsilon}$ (e.g. Newton–Schulz on an indefinite or extremely
-    ill-conditioned matrix). With `throw=False` the value is returned as computed;
-    pass `full_output=True` to get a [`jaxdecomp.MatrixFunctionSolution`][] with the
-    result code, step count and residual.
+    $-\sqrt{\varepsilon}\|A\|$), an iterative result whose relative residual
+    $\|X^2 - A\|_F/\|A\|_F$ or error measure (which sees eigenvalues the iteration
+    has not resolved: $\|ZY - I\|_F/\sqrt n$ for Newton–Schulz, the extrapolated
+    last correction for `"mixed"`) exceeds $10\sqrt{\varepsilon}$ (`inaccurate`,
+    e.g. Newton–Schulz on an indefinite, semidefinite or extremely ill-conditioned
+    matrix), and an inverse root with $\|YAY - I\|_F/\sqrt n > 10\sqrt{\varepsilon}$
+    (`singular`: a zero eigenvalue, or one below the rounding level). The derivative
+    of $A^{1/2}$ at semidefinite input is finite: the null-space block of $dA$, where
+    the true derivative is infinite, is dropped (exact along perturbations that keep
+    the null space, e.g. $dA = dB\,B^T + B\,dB^T$ for $A = BB^T$).
+    With `throw=False` the value is returned as computed; pass `full_output=True` to
+    get a [`jaxdecomp.MatrixFunctionSolution`][] with the result code, step count and
+    residual.
 
     **Precision:** float32 and float64, dtype preserved. In float32 (measured on the
     CPU, $n \le 1024$, $\kappa \le 10^5$) the relative error of $A^{1/2}$ is at most

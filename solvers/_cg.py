@@ -174,8 +174,10 @@ def cg(
     - `differentiation`: `"implicit"` (default): $x = A^{-1}b$ is differentiated as a
         linear solve (`lax.custom_linear_solve`: derivatives with respect to `b` and
         to arrays the operator closes over, forward and reverse mode, any order; each
-        tangent or cotangent costs one more CG solve; the solution does not depend on
-        the preconditioner, so its parameters get zero gradient). `"unroll"`:
+        tangent or cotangent costs one more CG solve, from 0 whatever `x0`, checked
+        for convergence like the primal: one that fails raises, or with
+        `throw=False` gives NaN, never a wrong derivative; the solution does not
+        depend on the preconditioner, so its parameters get zero gradient). `"unroll"`:
         backpropagate through the iterations (checkpointed, reverse mode), which is
         what training a preconditioner through the solver needs.
     - `throw`: raise (via `eqx.error_if`, also under `jit`) on failure.
@@ -184,8 +186,13 @@ def cg(
 
     **Failure modes:** shape and dtype errors raise at trace time. NaN/inf in `b`
     (`nonfinite_input`), a non-positive curvature $p^T A p \\le 0$ or $r^T z \\le 0$
-    (`not_spd`: the operator or preconditioner is not SPD), and no convergence within
-    `max_steps` (`max_steps_reached`) give result codes, raised if `throw`.
+    (`not_spd`: the operator or preconditioner is not SPD), an operator that fails a
+    two-matvec symmetry probe, $|u^T A v - v^T A u| > \\sqrt{\\varepsilon}(\\|u\\|
+    \\|Av\\| + \\|v\\|\\|Au\\|)$ for fixed pseudo-random $u, v$ (`not_symmetric`),
+    and no convergence within `max_steps` (`max_steps_reached`) give result codes,
+    raised if `throw`. The stopping test runs on the problem scaled by
+    $\\max|b|$, so $\\|b\\|$ of $10^{\\pm 25}$ in float32 neither under- nor
+    overflows.
 
     **Example:**
 

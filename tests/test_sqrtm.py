@@ -369,6 +369,21 @@ def test_solve_lyapunov_vmap_and_jit(method):
         jaxdecomp.solve_lyapunov(ss, gs, method=method), looped, atol=1e-12
     )
 
+    # full_output under jit: the result code and residual, no retrace for new values
+    @jax.jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def full(s, g):
+        return jaxdecomp.solve_lyapunov(
+            s, g, method=method, full_output=True, throw=False
+        )
+
+    for s, g in zip(ss, gs):
+        sol = full(s, g)
+        assert sol.result == jaxdecomp.RESULTS.successful
+        assert float(sol.residual) < 1e-13
+    bad = full(ss[0].at[0, 1].add(1.0), gs[0])  # not symmetric: a code, no raise
+    assert bad.result == jaxdecomp.RESULTS.not_symmetric
+
 
 def test_solve_lyapunov_bad_input():
     with pytest.raises(ValueError, match="last two"):
