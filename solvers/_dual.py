@@ -14,56 +14,58 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float
 
-from jaxdecomp._misc import default_tol, mm
+from jaxdecomp._misc import default_tol
 
+from ._kernel import Kernel
 from ._misc import pcg
 
 
-def log_plan(f, g, c, eps):
-    return (f[:, None] + g[None, :] - c) / eps
+def safe_log(w):
+    """log w, with 0 at w = 0 (the convention for zero weights)."""
+    return jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1)), 0)
 
 
-def f_hat(g, c, eps):
-    """-eps * logsumexp_j((g_j - C_ij)/eps): the f-update is eps log a + f_hat."""
-    return -eps * jax.nn.logsumexp((g[None, :] - c) / eps, axis=1)
-
-
-def g_hat(f, c, eps):
-    return -eps * jax.nn.logsumexp((f[:, None] - c) / eps, axis=0)
-
-
+@jax.custom_jvp
 def _xlogx(a):
-    return jnp.sum(a * jnp.log(a))
+    return jnp.sum(a * safe_log(a))
 
 
-def _dual(c, a, b, eps, f, g):
+@_xlogx.defjvp
+def _xlogx_jvp(primals, tangents):
+    # d(a log a) = (log a + 1) da, with log 0 := 0 (matching the zero-weight
+    # convention of the potentials, so the Danskin derivative stays finite).
+    (a,), (da,) = primals, tangents
+    return _xlogx(a), jnp.sum((safe_log(a) + 1) * da)
+
+
+def _dual(kernel: Kernel, a, b, eps, f, g):
     # <f,a> + <g,b> - eps sum(P) + eps sum(a) sum(b) - eps (H-terms): at the optimum
     # this equals <P,C> + eps KL(P || a b^T).
-    p_sum = jnp.sum(jnp.exp(log_plan(f, g, c, eps)))
+    r, _ = kernel.plan(f, g, eps).marginals()
     return (
         jnp.vdot(f, a)
         + jnp.vdot(g, b)
-        - eps * p_sum
+        - eps * jnp.sum(r)
         + eps * jnp.sum(a) * jnp.sum(b)
         - eps * (_xlogx(a) + _xlogx(b))
     )
 
 
 @jax.custom_jvp
-def dual_value(c, a, b, eps, f, g) -> Float[Array, ""]:
+def dual_value(kernel, a, b, eps, f, g) -> Float[Array, ""]:
     """Entropic OT cost by the dual at the potentials `f`, `g`; derivative by Danskin
     (the potentials' tangents are not needed: the dual is stationary in them)."""
-    return _dual(c, a, b, eps, f, g)
+    return _dual(kernel, a, b, eps, f, g)
 
 
 @dual_value.defjvp
 def _dual_value_jvp(primals, tangents):
-    c, a, b, eps, f, g = primals
-    dc, da, db, deps, _, _ = tangents
+    kernel, a, b, eps, f, g = primals
+    dk, da, db, deps, _, _ = tangents
     return jax.jvp(
-        lambda c, a, b, eps: _dual(c, a, b, eps, f, g),
-        (c, a, b, eps),
-        (dc, da, db, deps),
+        lambda k, a, b, eps: _dual(k, a, b, eps, f, g),
+        (kernel, a, b, eps),
+        (dk, da, db, deps),
     )
 
 
@@ -81,27 +83,38 @@ _TANGENT_FAILED = (
 )
 
 
-def _tangent(throw, c, a, b, eps, f, g, dc, da, db, deps):
+def _tangent(throw, kernel, a, b, eps, f, g, dk, da, db, deps):
     """Linearised marginal constraints, solved for (df, dg) by PCG on the Schur
-    complement S = diag(P^T 1) - P^T diag(1/(P 1)) P (gauge direction 1 removed)."""
-    p = jnp.exp(log_plan(f, g, c, eps))
-    r = jnp.sum(p, axis=1)
-    col = jnp.sum(p, axis=0)
-    # d log P = (df + dg - dC - (f + g - C) deps / eps) / eps
-    dce = dc + (f[:, None] + g[None, :] - c) * (deps / eps)
-    u = eps * da + jnp.sum(p * dce, axis=1)
-    v = eps * db + jnp.sum(p * dce, axis=0)
-    rhs = v - mm(p.T, u / r)
+    complement S = diag(P^T 1) - P^T diag(1/(P 1)) P (gauge direction 1 removed).
+
+    Zero-weight entries are constants of the problem (their weights' tangents are
+    dropped); their potentials are c-transforms, differentiated as such."""
+    ma, mb = kernel.mask_a, kernel.mask_b
+
+    def marginals(k, eps):
+        return k.plan(f, g, eps).marginals()
+
+    # With f, g fixed, d(P1) = -(1/eps) sum_j P_ij (dC_ij + (f_i + g_j - C_ij)
+    # deps / eps), so the linearised constraints' right-hand sides are
+    # eps (da - d(P1)) and eps (db - d(P^T 1)): one pass, forward mode.
+    (r, col), (dr, dcol) = jax.jvp(marginals, (kernel, eps), (dk, deps))
+    plan = kernel.plan(f, g, eps)
+    r = jnp.where(ma, r, 1)
+    u = eps * (jnp.where(ma, da, 0) - dr)
+    v = eps * (jnp.where(mb, db, 0) - dcol)
+    m_kept = jnp.sum(mb).astype(r.dtype)
+    rhs = jnp.where(mb, v - plan.rmv(u / r), 0)
     # Only mass-preserving perturbations keep the problem balanced: drop the rest.
-    rhs = rhs - jnp.mean(rhs)
-    shift = jnp.mean(col)
-    m = col.shape[0]
+    rhs = jnp.where(mb, rhs - jnp.sum(rhs) / m_kept, 0)
+    shift = jnp.sum(col) / m_kept
 
     def matvec(x):
-        return col * x - mm(p.T, mm(p, x) / r) + shift * jnp.mean(x)
+        gauge_term = shift * jnp.where(mb, jnp.sum(jnp.where(mb, x, 0)) / m_kept, x)
+        return col * x - plan.rmv(plan.mv(x) / r) + gauge_term
 
-    inv_diag = 1.0 / (col - mm((p * p).T, 1.0 / r) + shift / m)
-    tol = default_tol(p.dtype, 2 / 3)
+    inv_diag = 1.0 / (col - plan.sq_rmv(1.0 / r) + jnp.where(mb, shift / m_kept, shift))
+    tol = default_tol(r.dtype, 2 / 3)
+    m = col.shape[0]
 
     def solve(matvec, rhs):
         y, _, converged = pcg(matvec, rhs, inv_diag, tol, 10 * m)
@@ -110,8 +123,21 @@ def _tangent(throw, c, a, b, eps, f, g, dc, da, db, deps):
         return jnp.where(converged, y, jnp.nan)
 
     dg = lax.custom_linear_solve(matvec, rhs, solve, symmetric=True)
-    df = (u - mm(p, dg)) / r
-    return df, dg
+    df = (u - plan.mv(dg)) / r
+
+    def c_transforms(df, dg):
+        # zero-weight rows: f_i = f_hat_i(g); columns: g_j = g_hat_j(f)
+        _, df_hat = jax.jvp(
+            lambda g, k, e: k.f_hat(g, e), (g, kernel, eps), (dg, dk, deps)
+        )
+        df = jnp.where(ma, df, df_hat)
+        _, dg_hat = jax.jvp(
+            lambda f, k, e: k.g_hat(f, e), (f, kernel, eps), (df, dk, deps)
+        )
+        return df, jnp.where(mb, dg, dg_hat)
+
+    padded = ~(jnp.all(ma) & jnp.all(mb))
+    return lax.cond(padded, c_transforms, lambda df, dg: (df, dg), df, dg)
 
 
 def _zero_tangent(x):
@@ -121,17 +147,19 @@ def _zero_tangent(x):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def implicit_solve(run: Callable, throw: bool, c, a, b, eps):
-    """`run(c, a, b, eps) -> (f, g, aux)` with derivatives of (f, g) by the implicit
-    function theorem on the marginal constraints (forward, reverse, any order). A
-    tangent or cotangent solve that does not converge raises (`throw`) or gives
-    NaN, never a silently wrong derivative."""
-    return run(c, a, b, eps)
+def implicit_solve(run: Callable, throw: bool, kernel, a, b, eps, init):
+    """`run(kernel, a, b, eps, init) -> (f, g, aux)` with derivatives of (f, g) by
+    the implicit function theorem on the marginal constraints (forward, reverse, any
+    order; `init` is not differentiated). A tangent or cotangent solve that does not
+    converge raises (`throw`) or gives NaN, never a silently wrong derivative."""
+    return run(kernel, a, b, eps, init)
 
 
 @implicit_solve.defjvp
 def _implicit_solve_jvp(run, throw, primals, tangents):
+    kernel, a, b, eps, init = primals
+    dk, da, db, deps, _ = tangents
     out = implicit_solve(run, throw, *primals)
     f, g, aux = out
-    df, dg = _tangent(throw, *primals, f, g, *tangents)
+    df, dg = _tangent(throw, kernel, a, b, eps, f, g, dk, da, db, deps)
     return out, (df, dg, jtu.tree_map(_zero_tangent, aux))

@@ -2,21 +2,71 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+import jax.tree_util as jtu
+from jaxtyping import Array, Bool, Float, Int
+
+_IDENTITY = {"sum": 0.0, "lse": -jnp.inf, "max": -jnp.inf}
+_COMBINE = {"sum": jnp.add, "lse": jnp.logaddexp, "max": jnp.maximum}
 
 
 class AbstractGeometry(eqx.Module):
-    """Something that produces an `(n, m)` cost matrix."""
+    """Where the cost $C_{ij}$ of an optimal-transport problem comes from.
+
+    The solvers never need the whole `(n, m)` cost at once: they make passes over it
+    by blocks of rows ([`solvers.PointCloud`][] with `batch_size` recomputes each
+    block and never stores the matrix). `cost_matrix` materialises it.
+    """
 
     @property
     def cost_matrix(self) -> Float[Array, "n m"]:
         raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def dtype(self):
+        raise NotImplementedError
+
+    @property
+    def is_online(self) -> bool:
+        """Whether passes recompute the cost by blocks (no `(n, m)` array stored)."""
+        return False
+
+    def row_pass(self, fn, row_args=(), combine: str = "sum"):
+        """`fn(c_block, *row_args_block) -> (row_out, col_out)` over blocks of rows.
+
+        Returns the row outputs concatenated over the blocks and the column outputs
+        combined over the blocks by `combine` (`"sum"`, `"lse"` (log-sum-exp) or
+        `"max"`). Dense geometries call `fn` once on the whole matrix."""
+        return fn(self.cost_matrix, *row_args)
+
+    def cost_at(self, idx: Int[Array, "n k"]) -> Float[Array, "n k"]:
+        """$C_{i, \\mathrm{idx}_{il}}$: the cost at `k` given columns per row."""
+        return jnp.take_along_axis(self.cost_matrix, idx, axis=1)
+
+    def rows(self, stride: int) -> AbstractGeometry:
+        """The geometry of every `stride`-th row (a sample)."""
+        return Geometry(self.cost_matrix[::stride])
+
+    def _finite(self) -> Bool[Array, ""]:
+        return jnp.all(jnp.isfinite(self.cost_matrix))
+
+    def _sanitise(self, ok) -> AbstractGeometry:
+        """The same geometry with harmless values where `ok` is False."""
+        return Geometry(jnp.where(ok, self.cost_matrix, 0))
+
+    def _dense(self) -> AbstractGeometry:
+        """What the solvers work on: the materialised cost unless online."""
+        return self
 
 
 class Geometry(AbstractGeometry):
@@ -53,20 +103,38 @@ class Geometry(AbstractGeometry):
     def cost_matrix(self):
         return self.cost
 
+    @property
+    def shape(self):
+        return tuple(jnp.shape(self.cost))
 
-def _sqeuclidean(x, y):
-    # Centre first: the expansion |x|^2 + |y|^2 - 2 x.y cancels catastrophically for
-    # points far from the origin (float32 clouds offset by 1e3 lose all digits of
-    # costs of size 1). The cost is translation invariant, so the shift is exact and
-    # needs no derivative.
-    centre = lax.stop_gradient(
+    @property
+    def dtype(self):
+        return jnp.result_type(self.cost)
+
+
+def _centre(x, y):
+    # The cost is translation invariant, so the shift is exact and needs no
+    # derivative.
+    return lax.stop_gradient(
         (jnp.sum(x, axis=0) + jnp.sum(y, axis=0)) / (x.shape[0] + y.shape[0])
     )
-    x, y = x - centre, y - centre
+
+
+def _sqeuclidean(x, y):
+    """|x_i - y_j|^2 by the expansion |x|^2 + |y|^2 - 2 x.y (one matmul) of points
+    already centred on their common mean: uncentred, the expansion cancels
+    catastrophically for points far from the origin (float32 clouds offset by 1e3
+    lose all digits of costs of size 1)."""
     xx = jnp.sum(x * x, axis=-1)
     yy = jnp.sum(y * y, axis=-1)
     xy = jnp.matmul(x, y.T, precision=lax.Precision.HIGHEST)
     return jnp.maximum(xx[:, None] + yy[None, :] - 2 * xy, 0)
+
+
+def _safe_sqrt(d2):
+    # sqrt is not differentiable at 0: use the safe-where pattern.
+    safe = jnp.where(d2 > 0, d2, 1.0)
+    return jnp.where(d2 > 0, jnp.sqrt(safe), 0.0)
 
 
 class PointCloud(AbstractGeometry):
@@ -80,8 +148,20 @@ class PointCloud(AbstractGeometry):
         centring both clouds on their common mean, with HIGHEST precision matmuls,
         clipped at 0), `"euclidean"`, or a callable
         `cost(x_i, y_j) -> scalar` (vmapped over both clouds).
+    - `batch_size`: `None` (default: the solvers materialise the $n m$ cost matrix
+        once) or a positive int: the *online* geometry. Then no $n \\times m$ array
+        is ever stored: every pass of a solver over the cost (Sinkhorn updates,
+        marginals, the Newton matrix-vector products, the sparse Hessian's row
+        selection, the line search, the implicit derivatives, `apply_plan`)
+        recomputes it in blocks of `batch_size` rows (the last block takes the
+        remainder), so the peak memory is $O((n + m) d + \\text{batch\\_size}\\,
+        m)$ plus $O(nk)$ for a sparse Hessian. Each pass costs the cost's
+        recomputation ($O(nmd)$), so prefer `None` when $n m$ fits in memory.
+        `cost_matrix` and [`solvers.OTSolution.plan`][] still materialise the
+        matrix when asked.
 
-    The cost matrix is materialised ($n m$ entries). Derivatives flow to `x` and `y`.
+    Derivatives flow to `x` and `y` (in online mode block by block, with the
+    blocks recomputed in reverse mode instead of stored).
 
     **Example:**
 
@@ -92,12 +172,14 @@ class PointCloud(AbstractGeometry):
     x = jax.random.uniform(jax.random.key(0), (5, 2))
     y = jax.random.uniform(jax.random.key(1), (7, 2))
     print(solvers.PointCloud(x, y).cost_matrix.shape)
+    online = solvers.PointCloud(x, y, batch_size=2)  # never stores 5 x 7
     ```
     """
 
     x: Float[Array, "n d"]
     y: Float[Array, "m d"]
     cost: str | Callable = eqx.field(static=True, default="sqeuclidean")
+    batch_size: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         sx, sy = jnp.shape(self.x), jnp.shape(self.y)
@@ -126,16 +208,102 @@ class PointCloud(AbstractGeometry):
                 "PointCloud: cost must be 'sqeuclidean', 'euclidean' or a callable; "
                 f"got {self.cost!r}."
             )
+        b = self.batch_size
+        if b is not None and (
+            isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1
+        ):
+            raise ValueError(
+                f"PointCloud: batch_size must be None or a positive int; got {b!r}."
+            )
+
+    @property
+    def shape(self):
+        return (jnp.shape(self.x)[0], jnp.shape(self.y)[0])
+
+    @property
+    def dtype(self):
+        return jnp.result_type(self.x)
+
+    @property
+    def is_online(self):
+        return self.batch_size is not None
+
+    def _centred(self):
+        if callable(self.cost):
+            return self.x, self.y
+        c = _centre(self.x, self.y)
+        return self.x - c, self.y - c
+
+    def _block_cost(self, xb, y):
+        if self.cost == "sqeuclidean":
+            return _sqeuclidean(xb, y)
+        if self.cost == "euclidean":
+            return _safe_sqrt(_sqeuclidean(xb, y))
+        return jax.vmap(lambda xi: jax.vmap(lambda yj: self.cost(xi, yj))(y))(xb)
 
     @property
     def cost_matrix(self):
-        if self.cost == "sqeuclidean":
-            return _sqeuclidean(self.x, self.y)
-        if self.cost == "euclidean":
-            d2 = _sqeuclidean(self.x, self.y)
-            # sqrt is not differentiable at 0: use the safe-where pattern.
-            safe = jnp.where(d2 > 0, d2, 1.0)
-            return jnp.where(d2 > 0, jnp.sqrt(safe), 0.0)
-        return jax.vmap(lambda xi: jax.vmap(lambda yj: self.cost(xi, yj))(self.y))(
-            self.x
+        return self._block_cost(*self._centred())
+
+    def _dense(self):
+        return self if self.is_online else Geometry(self.cost_matrix)
+
+    def _finite(self):
+        return jnp.all(jnp.isfinite(self.x)) & jnp.all(jnp.isfinite(self.y))
+
+    def _sanitise(self, ok):
+        return eqx.tree_at(
+            lambda g: (g.x, g.y),
+            self,
+            (jnp.where(ok, self.x, 0), jnp.where(ok, self.y, 0)),
         )
+
+    def rows(self, stride):
+        return eqx.tree_at(lambda g: g.x, self, self.x[::stride])
+
+    def cost_at(self, idx):
+        x, y = self._centred()
+        yk = y[idx]  # (n, k, d): the differences directly, no expansion
+        if self.cost == "sqeuclidean":
+            return jnp.sum((x[:, None, :] - yk) ** 2, axis=-1)
+        if self.cost == "euclidean":
+            return _safe_sqrt(jnp.sum((x[:, None, :] - yk) ** 2, axis=-1))
+        return jax.vmap(jax.vmap(self.cost, in_axes=(None, 0)))(x, yk)
+
+    def row_pass(self, fn, row_args=(), combine="sum"):
+        x, y = self._centred()
+        if not self.is_online:
+            return fn(self._block_cost(x, y), *row_args)
+        n = x.shape[0]
+        bs = min(self.batch_size, n)
+        nb, rem = divmod(n, bs)
+
+        # Checkpointed: reverse mode recomputes each block's cost and plan from the
+        # block's points instead of storing them (which would be n x m again).
+        @jax.checkpoint
+        def block(xb, args):
+            return fn(self._block_cost(xb, y), *args)
+
+        head = jtu.tree_map(
+            lambda v: v[: nb * bs].reshape(nb, bs, *v.shape[1:]), (x, tuple(row_args))
+        )
+        rows_shape, cols_shape = jax.eval_shape(
+            block, *jtu.tree_map(lambda v: v[0], head)
+        )
+        ident = _IDENTITY[combine]
+        combine_fn = _COMBINE[combine]
+        acc0 = jtu.tree_map(lambda s: jnp.full(s.shape, ident, s.dtype), cols_shape)
+
+        def body(acc, xs):
+            rows, cols = block(*xs)
+            return jtu.tree_map(combine_fn, acc, cols), rows
+
+        acc, rows = lax.scan(body, acc0, head)
+        rows = jtu.tree_map(lambda v: v.reshape(nb * bs, *v.shape[2:]), rows)
+        if rem:
+            tail = jtu.tree_map(lambda v: v[nb * bs :], (x, tuple(row_args)))
+            rows_t, cols_t = block(*tail)
+            acc = jtu.tree_map(combine_fn, acc, cols_t)
+            rows = jtu.tree_map(lambda u, v: jnp.concatenate([u, v]), rows, rows_t)
+        del rows_shape
+        return rows, acc

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from jaxdecomp._misc import default_tol
 
 from ._dual import gauge, implicit_solve
-from ._geometry import AbstractGeometry
+from ._geometry import AbstractGeometry, Geometry
+from ._kernel import Kernel
 from ._solution import RESULTS, OTSolution
 
 
@@ -29,15 +30,15 @@ def _weights(w, size, dtype, name, fn):
 
 
 def prepare(geom, a, b, epsilon, fn: str):
-    """Cost matrix, weights, epsilon (dtype of the cost) and a run-time result code.
+    """Kernel, weights, epsilon (dtype of the cost) and a run-time result code.
 
     Shapes, dtypes and a concrete non-positive epsilon raise at trace time. Bad values
-    (NaN cost, non-positive or NaN weights, unequal masses, traced bad epsilon) give a
-    result code, and are replaced by harmless ones so that the loop still terminates.
+    (NaN cost or points, negative, NaN or all-zero weights, unequal masses, traced
+    bad epsilon) give a result code, and are replaced by harmless ones so that the
+    loop still terminates. `epsilon=None` is 0.05 times the standard deviation of
+    the cost's entries (OTT-JAX's default; not differentiated).
     """
-    if isinstance(geom, AbstractGeometry):
-        c = geom.cost_matrix
-    else:
+    if not isinstance(geom, AbstractGeometry):
         c = jnp.asarray(geom)
         if c.ndim != 2:
             raise ValueError(
@@ -45,32 +46,69 @@ def prepare(geom, a, b, epsilon, fn: str):
                 "matrix; "
                 f"got an array of shape {c.shape}."
             )
-    if not jnp.issubdtype(c.dtype, jnp.floating):
-        raise TypeError(f"{fn}: the cost matrix must be floating point; got {c.dtype}.")
-    n, m = c.shape
-    a = _weights(a, n, c.dtype, "a", fn)
-    b = _weights(b, m, c.dtype, "b", fn)
-    if isinstance(epsilon, numbers.Real) and not (0 < epsilon < float("inf")):
-        raise ValueError(f"{fn}: epsilon must be finite and > 0; got {epsilon}.")
-    eps = jnp.asarray(epsilon, c.dtype)
-    if eps.shape != ():
-        raise ValueError(f"{fn}: epsilon must be a scalar; got shape {eps.shape}.")
+        if not jnp.issubdtype(c.dtype, jnp.floating):
+            raise TypeError(
+                f"{fn}: the cost matrix must be floating point; got {c.dtype}."
+            )
+        geom = Geometry(c)
+    dtype = geom.dtype
+    n, m = geom.shape
+    a = _weights(a, n, dtype, "a", fn)
+    b = _weights(b, m, dtype, "b", fn)
+    if epsilon is not None:
+        if isinstance(epsilon, numbers.Real) and not (0 < epsilon < float("inf")):
+            raise ValueError(f"{fn}: epsilon must be finite and > 0; got {epsilon}.")
+        if jnp.shape(epsilon) != ():
+            raise ValueError(
+                f"{fn}: epsilon must be a scalar; got shape {jnp.shape(epsilon)}."
+            )
+    geom = geom._dense()
 
-    tiny = jnp.sqrt(jnp.finfo(c.dtype).eps)
-    finite_c = jnp.all(jnp.isfinite(c))
-    good_w = jnp.all(jnp.isfinite(a) & (a > 0)) & jnp.all(jnp.isfinite(b) & (b > 0))
+    tiny = jnp.sqrt(jnp.finfo(dtype).eps)
+    finite = geom._finite()
+
+    def good(w):
+        return jnp.all(jnp.isfinite(w) & (w >= 0)) & jnp.any(w > 0)
+
+    good_w = good(a) & good(b)
     balanced = jnp.abs(jnp.sum(a) - jnp.sum(b)) <= tiny * jnp.sum(a)
-    good_eps = jnp.isfinite(eps) & (eps > 0)
     result = RESULTS.where(balanced, RESULTS.successful, RESULTS.unbalanced)
     result = RESULTS.where(good_w, result, RESULTS.invalid_weights)
-    result = RESULTS.where(finite_c, result, RESULTS.nonfinite_input)
+    result = RESULTS.where(finite, result, RESULTS.nonfinite_input)
+    if epsilon is None:
+        kernel = Kernel.build(geom._sanitise(finite), a, b)
+        eps = 0.05 * lax.stop_gradient(kernel.cost_stats()[2])
+    else:
+        eps = jnp.asarray(epsilon, dtype)
+    good_eps = jnp.isfinite(eps) & (eps > 0)
     result = RESULTS.where(good_eps, result, RESULTS.invalid_epsilon)
     ok = result == RESULTS.successful
-    c = jnp.where(ok, c, 0)
+    geom = geom._sanitise(ok)
     a = jnp.where(ok, a, 1.0 / n)
     b = jnp.where(ok, b, 1.0 / m)
     eps = jnp.where(ok, eps, 1)
-    return c, a, b, eps, result
+    return Kernel.build(geom, a, b), a, b, eps, result
+
+
+def check_init(init, kernel, fn):
+    """Validate a warm start `(f, g)` at trace time; returns g (or None)."""
+    if init is None:
+        return None
+    try:
+        f0, g0 = init
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{fn}: init must be None or a pair (f, g) of potentials; got {init!r}."
+        ) from None
+    n, m = kernel.geom.shape
+    if jnp.shape(f0) != (n,) or jnp.shape(g0) != (m,):
+        raise ValueError(
+            f"{fn}: init = (f, g) must have shapes ({n},) and ({m},); got "
+            f"{jnp.shape(f0)} and {jnp.shape(g0)}."
+        )
+    # Only g is used: the first f-update recomputes f from it exactly.
+    g0 = jnp.asarray(g0, kernel.geom.dtype)
+    return lax.stop_gradient(jnp.where(jnp.isfinite(g0), g0, 0))
 
 
 def check_schedule(epsilon_schedule, fn):
@@ -89,13 +127,14 @@ def check_schedule(epsilon_schedule, fn):
     return (init, float(decay))
 
 
-def schedule(epsilon_schedule, c, eps):
+def schedule(epsilon_schedule, kernel, eps):
     """(first epsilon, decay factor) of the continuation; (eps, 1) for none. Not
     differentiated (the solution does not depend on the path)."""
     if epsilon_schedule is None:
         return eps, 1.0
     if epsilon_schedule == "auto":
-        init, decay = 0.05 * jnp.max(jnp.abs(lax.stop_gradient(c))), 0.25
+        cmax = lax.stop_gradient(kernel.cost_stats()[0])
+        init, decay = 0.05 * cmax, 0.25
     else:
         init, decay = epsilon_schedule
     return jnp.maximum(jnp.asarray(init, eps.dtype), lax.stop_gradient(eps)), decay
@@ -112,20 +151,27 @@ def solve(
     throw,
     fn,
     *,
+    init=None,
     implicit=True,
     **loop_options,
 ):
-    """The shared driver: check the input, run `loop(c, a, b, eps, tol=...,
+    """The shared driver: check the input, run `loop(kernel, a, b, eps, g0, tol=...,
     eps_init=..., decay=..., **loop_options) -> (f, g, (steps, newton_steps,
-    error))` under implicit differentiation (or directly, if not `implicit`), then
-    gauge-fix, build the [`solvers.OTSolution`][] and raise on failure if `throw`."""
-    c, a, b, eps, result = prepare(geom, a, b, epsilon, fn)
-    tol = default_tol(c.dtype, 0.5) if tol is None else tol
+    error, stalled))` under implicit differentiation (or directly, if not
+    `implicit`), then gauge-fix, build the [`solvers.OTSolution`][] and raise on
+    failure if `throw`. A warm start `init` skips the epsilon continuation."""
+    kernel, a, b, eps, result = prepare(geom, a, b, epsilon, fn)
+    tol = default_tol(kernel.geom.dtype, 0.5) if tol is None else tol
     epsilon_schedule = check_schedule(epsilon_schedule, fn)
+    g0 = check_init(init, kernel, fn)
+    if g0 is not None:
+        epsilon_schedule = None
 
-    def run(c, a, b, eps):
-        init, decay = schedule(epsilon_schedule, c, eps)
-        return loop(c, a, b, eps, tol=tol, eps_init=init, decay=decay, **loop_options)
+    def run(kernel, a, b, eps, g0):
+        first, decay = schedule(epsilon_schedule, kernel, eps)
+        return loop(
+            kernel, a, b, eps, g0, tol=tol, eps_init=first, decay=decay, **loop_options
+        )
 
     # Every tolerance is relative to the total mass: the loops solve the problem
     # with weights a / s, b / s (s = sum(a)), whose plan is P / s, so that the
@@ -133,14 +179,14 @@ def solve(
     mass = jnp.sum(a)
     a_n, b_n = a / mass, b / mass
     if implicit:
-        f, g, aux = implicit_solve(run, throw, c, a_n, b_n, eps)
+        f, g, aux = implicit_solve(run, throw, kernel, a_n, b_n, eps, g0)
     else:
-        f, g, aux = run(c, a_n, b_n, eps)
-    f = f + eps * jnp.log(mass)
-    return _finish(f, g, c, a, b, eps, aux, result, tol, throw)
+        f, g, aux = run(kernel, a_n, b_n, eps, g0)
+    f = f + jnp.where(kernel.mask_a, eps * jnp.log(mass), 0)
+    return _finish(f, g, kernel, a, b, eps, aux, result, tol, throw)
 
 
-def _finish(f, g, c, a, b, eps, aux, result, tol, throw):
+def _finish(f, g, kernel, a, b, eps, aux, result, tol, throw):
     """Gauge-fix, build the solution, and raise on failure if `throw`."""
     n_steps, n_newton, error, stalled = aux
     f, g = gauge(f, g, a, b)
@@ -164,7 +210,7 @@ def _finish(f, g, c, a, b, eps, aux, result, tol, throw):
         g=g,
         a=a,
         b=b,
-        cost_matrix=c,
+        geom=kernel.geom,
         epsilon=eps,
         n_steps=n_steps,
         n_newton_steps=n_newton,

@@ -9,25 +9,28 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float
 
-from ._dual import f_hat, g_hat
+from ._dual import safe_log
 from ._geometry import AbstractGeometry
 from ._ot_problem import solve
 from ._solution import OTSolution
 
 
-def _marginal_errors(f, g, c, a, b, eps):
-    rows = jnp.exp((f - f_hat(g, c, eps)) / eps)
-    cols = jnp.exp((g - g_hat(f, c, eps)) / eps)
-    return jnp.stack([jnp.sum(jnp.abs(rows - a)), jnp.sum(jnp.abs(cols - b))])
+def marginal_errors(kernel, f, g, a, b, eps):
+    """[sum|P1 - a|, sum|P^T1 - b|] at the potentials (f, g), one pass."""
+    r, col = kernel.plan(f, g, eps).marginals()
+    return jnp.stack([jnp.sum(jnp.abs(r - a)), jnp.sum(jnp.abs(col - b))])
 
 
-def _sinkhorn_loop(c, a, b, eps, *, tol, max_steps, momentum, eps_init, decay, unroll):
+def _sinkhorn_loop(
+    kernel, a, b, eps, g0, *, tol, max_steps, momentum, eps_init, decay, unroll
+):
     omega = 1.0 if momentum is None else momentum
-    log_a, log_b = jnp.log(a), jnp.log(b)
+    log_a, log_b = safe_log(a), safe_log(b)
+    mb = kernel.mask_b
     stage_tol = jnp.maximum(tol, 1e-3 * jnp.sum(b))
-    zero = jnp.zeros((), c.dtype)
-    f0 = eps_init * log_a + f_hat(jnp.zeros_like(b), c, eps_init)
-    g0 = jnp.zeros_like(b)
+    zero = jnp.zeros((), a.dtype)
+    g0 = jnp.zeros_like(b) if g0 is None else g0
+    f0 = eps_init * log_a + kernel.f_hat(g0, eps_init)
     # state: f, g, current epsilon, column error of (f, g), steps, done
     init = (f0, g0, eps_init, zero + jnp.inf, jnp.array(0), jnp.array(False))
 
@@ -37,13 +40,14 @@ def _sinkhorn_loop(c, a, b, eps, *, tol, max_steps, momentum, eps_init, decay, u
 
     def body(state):
         f, g, e, _, steps, _ = state
-        gh = g_hat(f, c, e)
-        err = jnp.sum(jnp.abs(jnp.exp((g - gh) / e) - b))
+        gh = kernel.g_hat(f, e)
+        col = jnp.where(mb, jnp.exp((g - gh) / e), 0)
+        err = jnp.sum(jnp.abs(col - b))
         final = e <= eps
         done = (final & (err <= tol)) | ~jnp.isfinite(err)
         e_next = jnp.where(~final & (err <= stage_tol), jnp.maximum(eps, e * decay), e)
         g_new = g + omega * (e * log_b + gh - g)
-        f_new = f + omega * (e_next * log_a + f_hat(g_new, c, e_next) - f)
+        f_new = f + omega * (e_next * log_a + kernel.f_hat(g_new, e_next) - f)
         f = jnp.where(done, f, f_new)
         g = jnp.where(done, g, g_new)
         return (
@@ -62,8 +66,12 @@ def _sinkhorn_loop(c, a, b, eps, *, tol, max_steps, momentum, eps_init, decay, u
     else:
         f, g, e, _, steps, _ = lax.while_loop(cond, body, init)
     if momentum is not None:  # a plain f-update makes the row marginals exact
-        f = eps * log_a + f_hat(g, c, eps)
-    error = _marginal_errors(f, g, c, a, b, eps)
+        f = eps * log_a + kernel.f_hat(g, eps)
+    # zero-weight columns: their potential is the c-transform of f
+    g = lax.cond(
+        jnp.all(mb), lambda: g, lambda: jnp.where(mb, g, kernel.g_hat(f, eps))
+    )
+    error = marginal_errors(kernel, f, g, a, b, eps)
     error = jnp.where(e <= eps, error, jnp.inf)  # never reached the target epsilon
     return f, g, (steps, jnp.array(0), error, jnp.array(False))
 
@@ -73,12 +81,13 @@ def sinkhorn(
     a: Float[ArrayLike, " n"] | None = None,
     b: Float[ArrayLike, " m"] | None = None,
     *,
-    epsilon: float | Float[ArrayLike, ""],
+    epsilon: float | Float[ArrayLike, ""] | None = None,
     tol: float | None = None,
     max_steps: int = 10_000,
     momentum: float | None = None,
     epsilon_schedule: None | Literal["auto"] | tuple[float, float] = None,
     differentiation: Literal["implicit", "unroll"] = "implicit",
+    init: tuple[Float[ArrayLike, " n"], Float[ArrayLike, " m"]] | None = None,
     throw: bool = True,
 ) -> OTSolution:
     """Entropic optimal transport by log-domain Sinkhorn iterations.
@@ -172,6 +181,7 @@ def sinkhorn(
         epsilon_schedule,
         throw,
         fn,
+        init=init,
         implicit=not unroll,
         unroll=unroll,
         max_steps=max_steps,

@@ -9,12 +9,11 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float
 
-from jaxdecomp._misc import mm
-
-from ._dual import f_hat, g_hat, log_plan
+from ._dual import safe_log
 from ._geometry import AbstractGeometry
 from ._misc import pcg
 from ._ot_problem import solve
+from ._sinkhorn import marginal_errors
 from ._solution import OTSolution
 
 _LINE_SEARCH_STEPS = 12
@@ -29,13 +28,13 @@ _SAMPLE_SLACK = 0.01
 _STALL_STEPS = 50
 
 
-def _dense_system(p, r, col, rho):
+def _dense_system(plan, r, col, rho):
     """S = diag(col) - P^T diag(1/r) P + rho I, matrix-free, and its diagonal."""
 
     def matvec(x):
-        return col * x - mm(p.T, mm(p, x) / r) + rho * x
+        return col * x - plan.rmv(plan.mv(x) / r) + rho * x
 
-    return matvec, col - mm((p * p).T, 1.0 / r) + rho
+    return matvec, col - plan.sq_rmv(1.0 / r) + rho
 
 
 def _sparse_system(vals, idx, r, m, rho):
@@ -95,10 +94,11 @@ def _select_rows(p, k: int, iters: int = 12, span: float = 40.0):
 
 
 def _newton_loop(
-    c,
+    kernel,
     a,
     b,
     eps,
+    g0,
     *,
     tol,
     max_steps,
@@ -110,26 +110,30 @@ def _newton_loop(
     kept_mass,
     cg_max_steps,
 ):
-    log_a, log_b = jnp.log(a), jnp.log(b)
+    log_a, log_b = safe_log(a), safe_log(b)
+    ma, mb = kernel.mask_a, kernel.mask_b
+    dtype = a.dtype
+    n, m = kernel.geom.shape
     stage_tol = jnp.maximum(tol, 1e-3 * jnp.sum(b))
-    g0 = jnp.zeros_like(b)
-    f0 = eps_init * log_a + f_hat(g0, c, eps_init)
+    g0 = jnp.zeros_like(b) if g0 is None else g0
+    f0 = eps_init * log_a + kernel.f_hat(g0, eps_init)
     int0 = jnp.array(0)
-    kk = min(k, c.shape[1]) if hessian == "sparse" else 0
-    stride = max(1, c.shape[0] // _SAMPLE_ROWS)
+    kk = min(k, m) if hessian == "sparse" else 0
+    stride = max(1, n // _SAMPLE_ROWS)
     # sparse Hessian: the cached per-row index set, its used slots, the mass
     # fraction it kept when selected and the epsilon then (-1: none selected yet)
     sel0 = (
-        jnp.zeros((c.shape[0], kk), jnp.int32),
-        jnp.zeros((c.shape[0], kk), bool),
-        jnp.asarray(0.0, c.dtype),
-        jnp.asarray(-1.0, c.dtype),
+        jnp.zeros((n, kk), jnp.int32),
+        jnp.zeros((n, kk), bool),
+        jnp.asarray(0.0, dtype),
+        jnp.asarray(-1.0, dtype),
     )
     # stall guard: best error at the final epsilon, Newton-phase steps since it last
     # halved
-    guard0 = (jnp.asarray(jnp.inf, c.dtype), int0)
+    guard0 = (jnp.asarray(jnp.inf, dtype), int0)
     init = (f0, g0, eps_init, int0, int0, int0, jnp.array(False), sel0, guard0)
-    roundoff = 10 * jnp.finfo(c.dtype).eps
+    roundoff = 10 * jnp.finfo(dtype).eps
+    m_kept = jnp.sum(mb).astype(dtype)
 
     def cond(state):
         *_, steps, _, _, done, _, (_, since) = state
@@ -137,9 +141,8 @@ def _newton_loop(
 
     def body(state):
         f, g, e, steps, n_newton, n_cg, _, sel, (best, since) = state
-        p = jnp.exp(log_plan(f, g, c, e))
-        r = jnp.sum(p, axis=1)
-        col = jnp.sum(p, axis=0)
+        plan = kernel.plan(f, g, e)
+        r, col = plan.marginals()
         err = jnp.sum(jnp.abs(col - b))
         final = e <= eps
         done = (final & (err <= tol)) | ~jnp.isfinite(err)
@@ -153,17 +156,26 @@ def _newton_loop(
         )
 
         def sinkhorn_step():
-            g_new = e * log_b + g_hat(f, c, e)
-            return e_next * log_a + f_hat(g_new, c, e_next), g_new, int0, int0, sel
+            g_new = e * log_b + kernel.g_hat(f, e)
+            return (
+                e_next * log_a + kernel.f_hat(g_new, e_next),
+                g_new,
+                int0,
+                int0,
+                sel,
+            )
 
         def newton_step():
-            rho = jnp.mean(b) * jnp.minimum(err, 1.0)
-            rhs = e * (b - col)
-            rhs = rhs - jnp.mean(rhs)
+            # zero-weight rows and columns: r = 1 keeps the divisions finite (their
+            # plan entries are 0), the step leaves their potentials alone
+            r_safe = jnp.where(ma, r, 1)
+            rho = jnp.sum(b) / m_kept * jnp.minimum(err, 1.0)
+            rhs = jnp.where(mb, e * (b - col), 0)
+            rhs = jnp.where(mb, rhs - jnp.sum(rhs) / m_kept, 0)
             eta = jnp.minimum(0.1, jnp.sqrt(err))
 
             def solve_dense():
-                matvec, diag = _dense_system(p, r, col, rho)
+                matvec, diag = _dense_system(plan, r_safe, col, rho)
                 return pcg(matvec, rhs, 1.0 / diag, eta, cg_max_steps)[:2]
 
             if hessian == "dense":
@@ -175,14 +187,14 @@ def _newton_loop(
                 # top-k over the whole plan, the expensive part) when not.
                 idx, used, kept_ref, e_ref = sel
                 total = jnp.sum(r)
-                vals = jnp.where(used, jnp.take_along_axis(p, idx, axis=1), 0)
+                vals = jnp.where(used, plan.take(idx), 0)
                 kept = jnp.sum(vals) / total
                 stale = (kept < kept_ref - _REFRESH_DROP) | (
                     (e != e_ref) & (kept < kept_mass)
                 )
 
                 def select():
-                    v, i, u = _select_rows(p, kk)
+                    v, i, u = plan.select(kk, _select_rows)
                     kept_new = jnp.sum(v) / total
                     return v, i, u, kept_new, kept_new, e
 
@@ -193,7 +205,7 @@ def _newton_loop(
                     if stride == 1:
                         return select()
                     # a sample of rows first tells whether k per row can be enough
-                    v, _, _ = _select_rows(p[::stride], kk)
+                    v, _, _ = plan.rows(stride).select(kk, _select_rows)
                     est = jnp.sum(v) / jnp.sum(r[::stride])
                     return lax.cond(est >= kept_mass - _SAMPLE_SLACK, select, skip)
 
@@ -205,7 +217,7 @@ def _newton_loop(
                 sel_new = (idx, used, kept_ref, e_ref)
 
                 def solve_sparse():
-                    matvec, diag = _sparse_system(vals, idx, r, col.shape[0], rho)
+                    matvec, diag = _sparse_system(vals, idx, r_safe, m, rho)
                     return pcg(matvec, rhs, 1.0 / diag, eta, cg_max_steps)[:2]
 
                 delta, its = lax.cond(kept >= kept_mass, solve_sparse, solve_dense)
@@ -224,13 +236,13 @@ def _newton_loop(
             def ls_body(s):
                 t, _, _, i = s
                 t = t / 2
-                fh = f_hat(g + t * delta, c, e)
+                fh = kernel.f_hat(g + t * delta, e)
                 phi = jnp.vdot(g + t * delta, b) + jnp.vdot(a, fh)
                 ok = (phi >= phi0 + _ARMIJO * t * slope - slack) & (slope > 0)
                 return t, fh, ok, i + 1
 
             t, fh, ok, _ = lax.while_loop(
-                ls_cond, ls_body, (jnp.asarray(2.0, c.dtype), fh0, False, int0)
+                ls_cond, ls_body, (jnp.asarray(2.0, dtype), fh0, False, int0)
             )
 
             def accept():
@@ -259,13 +271,11 @@ def _newton_loop(
         )
 
     f, g, e, steps, n_newton, _, _, _, (_, since) = lax.while_loop(cond, body, init)
-    p = jnp.exp(log_plan(f, g, c, eps))
-    error = jnp.stack(
-        [
-            jnp.sum(jnp.abs(jnp.sum(p, axis=1) - a)),
-            jnp.sum(jnp.abs(jnp.sum(p, axis=0) - b)),
-        ]
+    # zero-weight columns: their potential is the c-transform of f
+    g = lax.cond(
+        jnp.all(mb), lambda: g, lambda: jnp.where(mb, g, kernel.g_hat(f, eps))
     )
+    error = marginal_errors(kernel, f, g, a, b, eps)
     error = jnp.where(e <= eps, error, jnp.inf)
     return f, g, (steps, n_newton, error, since >= _STALL_STEPS)
 
@@ -275,7 +285,7 @@ def sinkhorn_newton(
     a: Float[ArrayLike, " n"] | None = None,
     b: Float[ArrayLike, " m"] | None = None,
     *,
-    epsilon: float | Float[ArrayLike, ""],
+    epsilon: float | Float[ArrayLike, ""] | None = None,
     tol: float | None = None,
     max_steps: int = 2_000,
     epsilon_schedule: None | Literal["auto"] | tuple[float, float] = "auto",
@@ -284,6 +294,7 @@ def sinkhorn_newton(
     kept_mass: float = 0.99,
     newton_threshold: float = 1.0,
     cg_max_steps: int = 200,
+    init: tuple[Float[ArrayLike, " n"], Float[ArrayLike, " m"]] | None = None,
     throw: bool = True,
 ) -> OTSolution:
     """Entropic optimal transport by Sinkhorn-Newton(-Sparse).
@@ -393,6 +404,7 @@ def sinkhorn_newton(
         epsilon_schedule,
         throw,
         fn,
+        init=init,
         max_steps=max_steps,
         threshold=newton_threshold,
         hessian=hessian,

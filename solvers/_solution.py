@@ -7,6 +7,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ._dual import dual_value
+from ._geometry import AbstractGeometry
+from ._kernel import Kernel
 
 
 class RESULTS(eqx.Enumeration):
@@ -27,8 +29,8 @@ class RESULTS(eqx.Enumeration):
         "The input (cost matrix, points, right-hand side) contains NaN or inf."
     )
     invalid_weights = (
-        "The marginal weights must be finite and strictly positive (drop points with "
-        "zero weight)."
+        "The marginal weights must be finite and nonnegative, with at least one "
+        "positive entry each (zero weights mark padding)."
     )
     unbalanced = (
         "The marginals have different total mass (|sum(a) - sum(b)| > sqrt(eps) "
@@ -54,12 +56,18 @@ class RESULTS(eqx.Enumeration):
 class OTSolution(eqx.Module):
     """The result of [`solvers.sinkhorn`][] and [`solvers.sinkhorn_newton`][].
 
-    The plan is $P_{ij} = \\exp((f_i + g_j - C_{ij})/\\varepsilon)$; the potentials are
-    returned in the gauge $\\langle a, f\\rangle = \\langle b, g\\rangle$ (they are
-    otherwise defined up to $f + t$, $g - t$).
+    The plan is $P_{ij} = \\exp((f_i + g_j - C_{ij})/\\varepsilon)$ on the entries
+    of positive weight (zero rows and columns at zero weights); the potentials are
+    returned in the gauge $\\langle a, f\\rangle = \\langle b, g\\rangle$ (they
+    are otherwise defined up to $f + t$, $g - t$). A zero-weight entry's potential is
+    the c-transform of the other, $f_i = -\\varepsilon\\,\\mathrm{LSE}_{j: b_j >
+    0}((g_j - C_{ij})/\\varepsilon)$ (finite: what the f-update gives with
+    $\\log a_i$ read as 0), and likewise for $g_j$.
 
     - `f`, `g`: dual potentials, shapes `(n,)`, `(m,)`.
-    - `a`, `b`, `cost_matrix`, `epsilon`: the problem solved.
+    - `a`, `b`, `geom`, `epsilon`: the problem solved (`geom` is the online
+        [`solvers.PointCloud`][] when one was given with `batch_size`, otherwise a
+        [`solvers.Geometry`][] holding the cost matrix).
     - `n_steps`: iterations taken (Sinkhorn updates plus Newton steps).
     - `n_newton_steps`: Newton steps among them (0 for `sinkhorn`).
     - `error`: L1 marginal violations relative to the total mass,
@@ -68,15 +76,16 @@ class OTSolution(eqx.Module):
     - `result`: a [`solvers.RESULTS`][] code.
 
     All array fields are differentiable outputs of the solver (see
-    [`solvers.sinkhorn`][]); `plan()`, `reg_ot_cost` and `transport_cost` are
-    differentiable too.
+    [`solvers.sinkhorn`][]); `plan()`, `apply_plan`, `reg_ot_cost` and
+    `transport_cost` are differentiable too, and only `plan()` and `cost_matrix`
+    materialise an $n \\times m$ array.
     """
 
     f: Float[Array, " n"]
     g: Float[Array, " m"]
     a: Float[Array, " n"]
     b: Float[Array, " m"]
-    cost_matrix: Float[Array, "n m"]
+    geom: AbstractGeometry
     epsilon: Float[Array, ""]
     n_steps: Int[Array, ""]
     n_newton_steps: Int[Array, ""]
@@ -84,24 +93,45 @@ class OTSolution(eqx.Module):
     converged: Bool[Array, ""]
     result: RESULTS
 
+    @property
+    def _kernel(self) -> Kernel:
+        return Kernel.build(self.geom, self.a, self.b)
+
+    @property
+    def cost_matrix(self) -> Float[Array, "n m"]:
+        """The `(n, m)` cost matrix (materialised for an online geometry)."""
+        return self.geom.cost_matrix
+
     def plan(self) -> Float[Array, "n m"]:
-        """The transport plan $P = \\exp((f \\oplus g - C)/\\varepsilon)$."""
-        return jnp.exp(
-            (self.f[:, None] + self.g[None, :] - self.cost_matrix) / self.epsilon
-        )
+        """The transport plan $P = \\exp((f \\oplus g - C)/\\varepsilon)$ (dense,
+        also for an online geometry: use `apply_plan` to avoid it)."""
+        k = self._kernel
+        f, g = self.f + k.la, self.g + k.lb
+        return jnp.exp((f[:, None] + g[None, :] - self.cost_matrix) / self.epsilon)
+
+    def apply_plan(self, v: Float[Array, " k"], axis: int = 1) -> Float[Array, " l"]:
+        """$P v$ (`axis=1`, `v` of shape `(m,)`) or $P^T v$ (`axis=0`, `v` of
+        shape `(n,)`), in blocks of rows for an online geometry (never stored)."""
+        n, m = self.geom.shape
+        v = jnp.asarray(v)
+        if axis not in (0, 1) or v.shape != ((m,) if axis == 1 else (n,)):
+            raise ValueError(
+                f"apply_plan: axis must be 1 (v of shape ({m},)) or 0 (v of shape "
+                f"({n},)); got axis={axis!r} and shape {v.shape}."
+            )
+        plan = self._kernel.plan(self.f, self.g, self.epsilon)
+        return plan.mv(v) if axis == 1 else plan.rmv(v)
 
     @property
     def reg_ot_cost(self) -> Float[Array, ""]:
         """Entropic OT cost $\\langle P, C\\rangle + \\varepsilon\\,
-        \\mathrm{KL}(P \\,\\|\\, a b^T)$, evaluated by the dual. Its first derivatives
-        are Danskin's (no linear solve): $\\partial/\\partial C = P$,
+        \\mathrm{KL}(P \\,\\|\\, a b^T)$, evaluated by the dual. Its first
+        derivatives are Danskin's (no linear solve): $\\partial/\\partial C = P$,
         $\\partial/\\partial a = f - \\varepsilon\\log a$ (up to a constant), and
         second derivatives go through the implicit potentials."""
-        return dual_value(
-            self.cost_matrix, self.a, self.b, self.epsilon, self.f, self.g
-        )
+        return dual_value(self._kernel, self.a, self.b, self.epsilon, self.f, self.g)
 
     @property
     def transport_cost(self) -> Float[Array, ""]:
         """$\\langle P, C\\rangle$ (what POT's `sinkhorn2` returns)."""
-        return jnp.sum(self.plan() * self.cost_matrix)
+        return self._kernel.plan(self.f, self.g, self.epsilon).cost_weighted()

@@ -11,6 +11,7 @@ import pytest
 from jax.test_util import check_grads
 
 import solvers
+from solvers._kernel import Kernel
 from solvers._sinkhorn_newton import _dense_system, _select_rows, _sparse_system
 
 from .helpers import finite_difference_jvp
@@ -277,15 +278,16 @@ def test_select_rows_is_a_per_row_top_set():
 def test_sparse_hessian_is_the_dense_one_when_nothing_is_dropped():
     x, y, a, b = problem(20, 25)
     c = jnp.asarray(solvers.PointCloud(jnp.asarray(x), jnp.asarray(y)).cost_matrix)
-    p = (
-        jnp.exp(-c / 0.05)
-        * jnp.asarray(np.random.default_rng(1).uniform(1, 2, 20))[:, None]
-    )
+    w = jnp.asarray(np.random.default_rng(1).uniform(1, 2, 20))
+    kernel = Kernel.build(solvers.Geometry(c), jnp.ones(20), jnp.ones(25))
+    plan = kernel.plan(0.05 * jnp.log(w), jnp.zeros(25), 0.05)
+    p = plan.p
+    np.testing.assert_allclose(p, jnp.exp(-c / 0.05) * w[:, None], rtol=1e-12)
     r, col = p.sum(1), p.sum(0)
     vals, idx, used = _select_rows(p, 25)
     assert bool(used.all())
     mv_s, d_s = _sparse_system(vals, idx, r, 25, 0.1)
-    mv_d, d_d = _dense_system(p, r, col, 0.1)
+    mv_d, d_d = _dense_system(plan, r, col, 0.1)
     z = jnp.asarray(np.random.default_rng(2).normal(size=25))
     np.testing.assert_allclose(mv_s(z), mv_d(z), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(d_s, d_d, rtol=1e-12)
