@@ -6,6 +6,10 @@ This package may import `jaxdecomp`; `jaxdecomp` never imports it.
 
 from . import problems as problems
 from ._cg import CGSolution as CGSolution, cg as cg
+from ._divergence import (
+    SinkhornDivergence as SinkhornDivergence,
+    sinkhorn_divergence as sinkhorn_divergence,
+)
 from ._geometry import (
     AbstractGeometry as AbstractGeometry,
     Geometry as Geometry,

@@ -399,7 +399,15 @@ def _ot_cases():
         "uniform": ({}, True),
         "tiny_mass": ({"a": np.full(n, 1e-6 / n), "b": np.full(m, 1e-6 / m)}, True),
         "huge_mass": ({"a": np.full(n, 1e6 / n), "b": np.full(m, 1e6 / m)}, True),
-        "zero_weight": ({"a": np.r_[0.0, np.full(n - 1, 1 / (n - 1))]}, False),
+        # zero weights are padding (masked out), not an error
+        "zero_weight": ({"a": np.r_[0.0, np.full(n - 1, 1 / (n - 1))]}, True),
+        "zero_weights_both": (
+            {
+                "a": np.r_[np.zeros(3), np.full(n - 3, 1 / (n - 3))],
+                "b": np.r_[np.full(m - 2, 1 / (m - 2)), np.zeros(2)],
+            },
+            True,
+        ),
         "negative_weight": ({"a": np.r_[-0.1, np.full(n - 1, 1.1 / (n - 1))]}, False),
         "nan_weight": ({"a": np.r_[np.nan, np.full(n - 1, 1 / (n - 1))]}, False),
         "all_zero_weights": ({"a": np.zeros(n), "b": np.zeros(m)}, False),
@@ -410,21 +418,22 @@ def _ot_cases():
 
 
 @eqx.filter_jit
-def _ot_solve(solver, x, y, a, b, eps):  # one compilation per solver and dtype
-    geom = solvers.PointCloud(x, y)
+def _ot_solve(solver, x, y, a, b, eps, batch_size=None):  # one compilation each
+    geom = solvers.PointCloud(x, y, batch_size=batch_size)
     return getattr(solvers, solver)(geom, a, b, epsilon=eps, throw=False)
 
 
+@pytest.mark.parametrize("batch_size", [None, 5], ids=["dense", "online"])
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", list(_ot_cases()))
 @pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton"])
-def test_ot_edge(solver, case, dtype):
+def test_ot_edge(solver, case, dtype, batch_size):
     kw, valid = _ot_cases()[case]
     x, y = _clouds(dtype)
     a = jnp.asarray(kw.get("a", np.full(x.shape[0], 1 / x.shape[0])), dtype)
     b = jnp.asarray(kw.get("b", np.full(y.shape[0], 1 / y.shape[0])), dtype)
     eps = jnp.asarray(kw.get("epsilon", 0.05), dtype)
-    out = _ot_solve(solver, jnp.asarray(x), jnp.asarray(y), a, b, eps)
+    out = _ot_solve(solver, jnp.asarray(x), jnp.asarray(y), a, b, eps, batch_size)
     if out.result != solvers.RESULTS.successful:
         assert not valid, out.result
         return
@@ -436,6 +445,8 @@ def test_ot_edge(solver, case, dtype):
     # the tolerance is relative to the mass, whatever the mass
     assert np.abs(p.sum(1) - a).sum() <= 10 * tol * a.sum()
     assert np.abs(p.sum(0) - b).sum() <= 10 * tol * a.sum()
+    assert np.all(p[a == 0] == 0) and np.all(p[:, b == 0] == 0)
+    assert np.all(np.isfinite(out.f)) and np.all(np.isfinite(out.g))
 
 
 def test_ot_tiny_mass_is_solved_as_accurately_as_unit_mass():
