@@ -16,6 +16,7 @@ from jaxtyping import Array, Float
 
 from jaxdecomp._misc import default_tol
 
+from ._geometry import sum_devices
 from ._kernel import Kernel
 from ._misc import pcg
 
@@ -42,12 +43,13 @@ def _dual(kernel: Kernel, a, b, eps, f, g):
     # <f,a> + <g,b> - eps sum(P) + eps sum(a) sum(b) - eps (H-terms): at the optimum
     # this equals <P,C> + eps KL(P || a b^T).
     r, _ = kernel.plan(f, g, eps).marginals()
+    xlogx_a = sum_devices(_xlogx(a), kernel.axis_name)
     return (
-        jnp.vdot(f, a)
+        kernel.rdot(f, a)
         + jnp.vdot(g, b)
-        - eps * jnp.sum(r)
-        + eps * jnp.sum(a) * jnp.sum(b)
-        - eps * (_xlogx(a) + _xlogx(b))
+        - eps * kernel.rsum(r)
+        + eps * kernel.rsum(a) * jnp.sum(b)
+        - eps * (xlogx_a + _xlogx(b))
     )
 
 
@@ -69,9 +71,9 @@ def _dual_value_jvp(primals, tangents):
     )
 
 
-def gauge(f, g, a, b):
+def gauge(kernel, f, g, a, b):
     """Shift (f + t, g - t) so that <a, f> = <b, g> (a smooth gauge choice)."""
-    t = (jnp.vdot(b, g) - jnp.vdot(a, f)) / (jnp.sum(a) + jnp.sum(b))
+    t = (jnp.vdot(b, g) - kernel.rdot(a, f)) / (kernel.rsum(a) + jnp.sum(b))
     return f + t, g - t
 
 
@@ -136,7 +138,7 @@ def _tangent(throw, kernel, a, b, eps, f, g, dk, da, db, deps):
         )
         return df, jnp.where(mb, dg, dg_hat)
 
-    padded = ~(jnp.all(ma) & jnp.all(mb))
+    padded = ~(kernel.rall(ma) & jnp.all(mb))
     return lax.cond(padded, c_transforms, lambda df, dg: (df, dg), df, dg)
 
 

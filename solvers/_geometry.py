@@ -75,6 +75,8 @@ class Geometry(AbstractGeometry):
     **Arguments:**
 
     - `cost`: the `(n, m)` floating-point cost matrix.
+    - `axis_name`: as for [`solvers.PointCloud`][] (`cost` is then this device's
+        block of rows).
 
     **Example:**
 
@@ -88,6 +90,7 @@ class Geometry(AbstractGeometry):
     """
 
     cost: Float[Array, "n m"]
+    axis_name: str | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         shape = jnp.shape(self.cost)
@@ -111,13 +114,33 @@ class Geometry(AbstractGeometry):
     def dtype(self):
         return jnp.result_type(self.cost)
 
+    def rows(self, stride):
+        return Geometry(self.cost[::stride], self.axis_name)
 
-def _centre(x, y):
+    def _finite(self):
+        return all_devices(jnp.all(jnp.isfinite(self.cost)), self.axis_name)
+
+    def _sanitise(self, ok):
+        return Geometry(jnp.where(ok, self.cost, 0), self.axis_name)
+
+
+def all_devices(ok, axis_name):
+    """`ok` on every device of `axis_name` (unchanged without one)."""
+    if axis_name is None:
+        return ok
+    return lax.psum(jnp.where(ok, 0, 1), axis_name) == 0
+
+
+def sum_devices(v, axis_name):
+    return v if axis_name is None else lax.psum(v, axis_name)
+
+
+def _centre(x, y, axis_name):
     # The cost is translation invariant, so the shift is exact and needs no
-    # derivative.
-    return lax.stop_gradient(
-        (jnp.sum(x, axis=0) + jnp.sum(y, axis=0)) / (x.shape[0] + y.shape[0])
-    )
+    # derivative. With rows sharded, the mean over all devices' rows.
+    sx = sum_devices(jnp.sum(x, axis=0), axis_name)
+    count = jnp.asarray(sum_devices(x.shape[0], axis_name) + y.shape[0], x.dtype)
+    return lax.stop_gradient((sx + jnp.sum(y, axis=0)) / count)
 
 
 def _sqeuclidean(x, y):
@@ -160,6 +183,14 @@ class PointCloud(AbstractGeometry):
         `cost_matrix` and [`solvers.OTSolution.plan`][] still materialise the
         matrix when asked.
 
+    - `axis_name`: `None` (default), or the name of a `jax.shard_map` mesh axis over
+        which the rows are sharded: `x` is then this device's block of rows (and the
+        weights `a` too), `y` and `b` are whole on every device. Row passes stay
+        local; column reductions (the g-update's log-sum-exp, $P^T u$, marginals)
+        and sums over rows are combined across the axis (`psum`/`pmax`), so each
+        Newton or Sinkhorn step communicates $O(m)$ numbers. Solve inside
+        `jax.shard_map` (see the "Optimal transport at scale" docs page).
+
     Derivatives flow to `x` and `y` (in online mode block by block, with the
     blocks recomputed in reverse mode instead of stored).
 
@@ -180,6 +211,7 @@ class PointCloud(AbstractGeometry):
     y: Float[Array, "m d"]
     cost: str | Callable = eqx.field(static=True, default="sqeuclidean")
     batch_size: int | None = eqx.field(static=True, default=None)
+    axis_name: str | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         sx, sy = jnp.shape(self.x), jnp.shape(self.y)
@@ -231,7 +263,7 @@ class PointCloud(AbstractGeometry):
     def _centred(self):
         if callable(self.cost):
             return self.x, self.y
-        c = _centre(self.x, self.y)
+        c = _centre(self.x, self.y, self.axis_name)
         return self.x - c, self.y - c
 
     def _block_cost(self, xb, y):
@@ -246,10 +278,13 @@ class PointCloud(AbstractGeometry):
         return self._block_cost(*self._centred())
 
     def _dense(self):
-        return self if self.is_online else Geometry(self.cost_matrix)
+        if self.is_online:
+            return self
+        return Geometry(self.cost_matrix, self.axis_name)
 
     def _finite(self):
-        return jnp.all(jnp.isfinite(self.x)) & jnp.all(jnp.isfinite(self.y))
+        ok = jnp.all(jnp.isfinite(self.x)) & jnp.all(jnp.isfinite(self.y))
+        return all_devices(ok, self.axis_name)
 
     def _sanitise(self, ok):
         return eqx.tree_at(

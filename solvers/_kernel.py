@@ -12,54 +12,94 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxdecomp._misc import mm
 
-from ._geometry import AbstractGeometry
+from ._geometry import AbstractGeometry, all_devices, sum_devices
 
 
-def _lse(x, axis):
-    return jax.nn.logsumexp(x, axis=axis)
+def _lse(z, ok, axis):
+    """log-sum-exp of `z` over the entries where `ok`, -inf (with a zero derivative,
+    not NaN) where there are none: a block of rows that are all padding."""
+    z = jnp.where(ok, z, -jnp.inf)
+    top = lax.stop_gradient(jnp.max(z, axis=axis))
+    top = jnp.where(jnp.isfinite(top), top, 0)
+    s = jnp.sum(jnp.exp(z - jnp.expand_dims(top, axis)), axis=axis)
+    return jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1)) + top, -jnp.inf)
+
+
+def _across(tree, combine, axis_name):
+    """Combine column outputs across the devices of `axis_name` (rows sharded)."""
+    if axis_name is None:
+        return tree
+
+    def one(v):
+        if combine == "sum":
+            return lax.psum(v, axis_name)
+        if combine == "max":
+            return lax.pmax(v, axis_name)
+        # the shift only stabilises: no derivative through it (pmax has none)
+        top = lax.pmax(lax.stop_gradient(v), axis_name)
+        safe = jnp.where(jnp.isfinite(top), top, 0)
+        return safe + jnp.log(lax.psum(jnp.exp(v - safe), axis_name))
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def logits(f, g, c, eps, row_ok, col_ok):
+    """$(f_i + g_j - C_{ij})/\\varepsilon$, -inf outside the kept rows and columns.
+
+    A `where`, not -inf added to the potentials: the derivative with respect to
+    epsilon of (-inf - C)/epsilon would be inf * 0 = NaN."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    return jnp.where(ok, (f[:, None] + g[None, :] - c) / eps, -jnp.inf)
 
 
 class Kernel(eqx.Module):
     """$K_{ij} = \\exp(-C_{ij}/\\varepsilon)$ restricted to the rows and columns of
-    positive weight: `la`, `lb` are 0 there and -inf at zero weights, added to the
-    potentials inside every pass (so a zero-weight entry has a zero plan row or
-    column and takes no part in any log-sum-exp), while the potentials themselves
+    positive weight (`mask_a`, `mask_b`): a zero-weight entry has a zero plan row or
+    column and takes no part in any log-sum-exp, while the potentials themselves
     stay finite."""
 
     geom: AbstractGeometry
-    la: Float[Array, " n"]
-    lb: Float[Array, " m"]
+    mask_a: Bool[Array, " n"]
+    mask_b: Bool[Array, " m"]
 
     @staticmethod
     def build(geom: AbstractGeometry, a, b) -> Kernel:
-        def log_mask(w):
-            return lax.stop_gradient(jnp.where(w > 0, 0.0, -jnp.inf).astype(w.dtype))
-
-        return Kernel(geom, log_mask(a), log_mask(b))
+        return Kernel(geom, lax.stop_gradient(a > 0), lax.stop_gradient(b > 0))
 
     @property
-    def mask_a(self) -> Bool[Array, " n"]:
-        return self.la == 0
+    def axis_name(self) -> str | None:
+        return getattr(self.geom, "axis_name", None)
 
-    @property
-    def mask_b(self) -> Bool[Array, " m"]:
-        return self.lb == 0
+    def rsum(self, v):
+        """Sum of a row-space (length n) quantity, over all devices' rows."""
+        return sum_devices(jnp.sum(v), self.axis_name)
+
+    def rdot(self, u, v):
+        return sum_devices(jnp.vdot(u, v), self.axis_name)
+
+    def rall(self, v):
+        return all_devices(jnp.all(v), self.axis_name)
+
+    def rows_total(self) -> int | Array:
+        n = self.geom.shape[0]
+        return n if self.axis_name is None else lax.psum(n, self.axis_name)
 
     def f_hat(self, g, eps) -> Float[Array, " n"]:
         """$-\\varepsilon\\,\\mathrm{LSE}_j((g_j - C_{ij})/\\varepsilon)$ over the
         kept columns (the f-update is $\\varepsilon \\log a + \\hat f$)."""
-        ge = g + self.lb
-        rows, _ = self.geom.row_pass(
-            lambda c: (-eps * _lse((ge[None, :] - c) / eps, 1), None)
-        )
-        return rows
+        mb = self.mask_b
+
+        def fn(c):
+            return -eps * _lse((g[None, :] - c) / eps, mb[None, :], 1), None
+
+        return self.geom.row_pass(fn)[0]
 
     def g_hat(self, f, eps) -> Float[Array, " m"]:
-        fe = f + self.la
-        _, cols = self.geom.row_pass(
-            lambda c, fb: (None, _lse((fb[:, None] - c) / eps, 0)), (fe,), "lse"
-        )
-        return -eps * cols
+        def fn(c, fb, ok):
+            return None, _lse((fb[:, None] - c) / eps, ok[:, None], 0)
+
+        _, cols = self.geom.row_pass(fn, (f, self.mask_a), "lse")
+        return -eps * _across(cols, "lse", self.axis_name)
 
     def plan(self, f, g, eps) -> Plan:
         """The plan at the potentials `f`, `g`: materialised once for a dense
@@ -67,7 +107,7 @@ class Kernel(eqx.Module):
         if self.geom.is_online:
             return Plan(self, f, g, eps, None)
         c = self.geom.cost_matrix
-        p = jnp.exp(((f + self.la)[:, None] + (g + self.lb)[None, :] - c) / eps)
+        p = jnp.exp(logits(f, g, c, eps, self.mask_a, self.mask_b))
         return Plan(self, f, g, eps, p)
 
     def cost_stats(self):
@@ -75,9 +115,11 @@ class Kernel(eqx.Module):
         mx, (s1, s2) = self.geom.row_pass(
             lambda c: (jnp.max(jnp.abs(c), axis=1), (jnp.sum(c), jnp.sum(c * c)))
         )
-        n, m = self.geom.shape
-        mean = s1 / (n * m)
-        return jnp.max(mx), mean, jnp.sqrt(jnp.maximum(s2 / (n * m) - mean**2, 0))
+        s1, s2 = _across((s1, s2), "sum", self.axis_name)
+        mx = _across(jnp.max(mx), "max", self.axis_name)
+        size = jnp.asarray(self.rows_total() * self.geom.shape[1], s1.dtype)
+        mean = s1 / size
+        return mx, mean, jnp.sqrt(jnp.maximum(s2 / size - mean**2, 0))
 
 
 class Plan(eqx.Module):
@@ -91,15 +133,17 @@ class Plan(eqx.Module):
     p: Float[Array, "n m"] | None
 
     def _pass(self, fn, row_args=(), combine="sum"):
-        if self.p is not None:
-            return fn(self.p, *row_args)
         k, eps = self.kernel, self.eps
-        ge = self.g + k.lb
+        if self.p is not None:
+            rows, cols = fn(self.p, *row_args)
+        else:
+            g, mb = self.g, k.mask_b
 
-        def block(c, fb, *args):
-            return fn(jnp.exp((fb[:, None] + ge[None, :] - c) / eps), *args)
+            def block(c, fb, ok, *args):
+                return fn(jnp.exp(logits(fb, g, c, eps, ok, mb)), *args)
 
-        return k.geom.row_pass(block, (self.f + k.la, *row_args), combine)
+            rows, cols = k.geom.row_pass(block, (self.f, k.mask_a, *row_args), combine)
+        return rows, _across(cols, combine, k.axis_name)
 
     def marginals(self):
         """$(P1, P^T1)$ in one pass."""
@@ -117,21 +161,19 @@ class Plan(eqx.Module):
 
     def cost_weighted(self) -> Float[Array, ""]:
         """$\\langle P, C\\rangle$."""
-        k, eps = self.kernel, self.eps
-        fe, ge = self.f + k.la, self.g + k.lb
+        k, eps, g = self.kernel, self.eps, self.g
 
-        def block(c, fb):
-            p = jnp.exp((fb[:, None] + ge[None, :] - c) / eps)
-            return None, jnp.sum(p * c)
+        def block(c, fb, ok):
+            return None, jnp.sum(jnp.exp(logits(fb, g, c, eps, ok, k.mask_b)) * c)
 
-        return k.geom.row_pass(block, (fe,))[1]
+        return k.rsum(k.geom.row_pass(block, (self.f, k.mask_a))[1])
 
     def rows(self, stride: int) -> Plan:
         """The plan of every `stride`-th row."""
         k = self.kernel
         if self.p is not None:
             return Plan(k, self.f[::stride], self.g, self.eps, self.p[::stride])
-        sub = Kernel(k.geom.rows(stride), k.la[::stride], k.lb)
+        sub = Kernel(k.geom.rows(stride), k.mask_a[::stride], k.mask_b)
         return Plan(sub, self.f[::stride], self.g, self.eps, None)
 
     def select(self, kk: int, select_fn):
@@ -144,5 +186,6 @@ class Plan(eqx.Module):
             return jnp.take_along_axis(self.p, idx, axis=1)
         k = self.kernel
         c = k.geom.cost_at(idx)
-        ge = (self.g + k.lb)[idx]
-        return jnp.exp(((self.f + k.la)[:, None] + ge - c) / self.eps)
+        ok = k.mask_a[:, None] & k.mask_b[idx]
+        z = jnp.where(ok, (self.f[:, None] + self.g[idx] - c) / self.eps, -jnp.inf)
+        return jnp.exp(z)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxdecomp._misc import default_tol
 
 from ._dual import gauge, implicit_solve
-from ._geometry import AbstractGeometry, Geometry
+from ._geometry import AbstractGeometry, Geometry, all_devices, sum_devices
 from ._kernel import Kernel
 from ._solution import RESULTS, OTSolution
 
@@ -67,11 +67,15 @@ def prepare(geom, a, b, epsilon, fn: str):
     tiny = jnp.sqrt(jnp.finfo(dtype).eps)
     finite = geom._finite()
 
-    def good(w):
-        return jnp.all(jnp.isfinite(w) & (w >= 0)) & jnp.any(w > 0)
+    axis = getattr(geom, "axis_name", None)  # rows (and a) sharded over devices
 
-    good_w = good(a) & good(b)
-    balanced = jnp.abs(jnp.sum(a) - jnp.sum(b)) <= tiny * jnp.sum(a)
+    def good(w, axis):
+        nonneg = all_devices(jnp.all(jnp.isfinite(w) & (w >= 0)), axis)
+        return nonneg & ~all_devices(jnp.all(w <= 0), axis)
+
+    good_w = good(a, axis) & good(b, None)
+    mass_a = sum_devices(jnp.sum(a), axis)
+    balanced = jnp.abs(mass_a - jnp.sum(b)) <= tiny * mass_a
     result = RESULTS.where(balanced, RESULTS.successful, RESULTS.unbalanced)
     result = RESULTS.where(good_w, result, RESULTS.invalid_weights)
     result = RESULTS.where(finite, result, RESULTS.nonfinite_input)
@@ -84,7 +88,8 @@ def prepare(geom, a, b, epsilon, fn: str):
     result = RESULTS.where(good_eps, result, RESULTS.invalid_epsilon)
     ok = result == RESULTS.successful
     geom = geom._sanitise(ok)
-    a = jnp.where(ok, a, 1.0 / n)
+    kernel = Kernel.build(geom, a, b)
+    a = jnp.where(ok, a, 1 / jnp.asarray(kernel.rows_total(), dtype))
     b = jnp.where(ok, b, 1.0 / m)
     eps = jnp.where(ok, eps, 1)
     return Kernel.build(geom, a, b), a, b, eps, result
@@ -176,7 +181,7 @@ def solve(
     # Every tolerance is relative to the total mass: the loops solve the problem
     # with weights a / s, b / s (s = sum(a)), whose plan is P / s, so that the
     # potentials are f = f' + eps log s, g = g'. Differentiable in s.
-    mass = jnp.sum(a)
+    mass = kernel.rsum(a)
     a_n, b_n = a / mass, b / mass
     if implicit:
         f, g, aux = implicit_solve(run, throw, kernel, a_n, b_n, eps, g0)
@@ -189,8 +194,8 @@ def solve(
 def _finish(f, g, kernel, a, b, eps, aux, result, tol, throw):
     """Gauge-fix, build the solution, and raise on failure if `throw`."""
     n_steps, n_newton, error, stalled = aux
-    f, g = gauge(f, g, a, b)
-    finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
+    f, g = gauge(kernel, f, g, a, b)
+    finite = kernel.rall(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
     converged = jnp.max(error) <= tol
     result = RESULTS.where(
         result == RESULTS.successful,

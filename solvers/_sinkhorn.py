@@ -18,7 +18,7 @@ from ._solution import OTSolution
 def marginal_errors(kernel, f, g, a, b, eps):
     """[sum|P1 - a|, sum|P^T1 - b|] at the potentials (f, g), one pass."""
     r, col = kernel.plan(f, g, eps).marginals()
-    return jnp.stack([jnp.sum(jnp.abs(r - a)), jnp.sum(jnp.abs(col - b))])
+    return jnp.stack([kernel.rsum(jnp.abs(r - a)), jnp.sum(jnp.abs(col - b))])
 
 
 def _sinkhorn_loop(
@@ -68,9 +68,7 @@ def _sinkhorn_loop(
     if momentum is not None:  # a plain f-update makes the row marginals exact
         f = eps * log_a + kernel.f_hat(g, eps)
     # zero-weight columns: their potential is the c-transform of f
-    g = lax.cond(
-        jnp.all(mb), lambda: g, lambda: jnp.where(mb, g, kernel.g_hat(f, eps))
-    )
+    g = lax.cond(jnp.all(mb), lambda: g, lambda: jnp.where(mb, g, kernel.g_hat(f, eps)))
     error = marginal_errors(kernel, f, g, a, b, eps)
     error = jnp.where(e <= eps, error, jnp.inf)  # never reached the target epsilon
     return f, g, (steps, jnp.array(0), error, jnp.array(False))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float
 
 from ._dual import safe_log
-from ._geometry import AbstractGeometry
+from ._geometry import AbstractGeometry, sum_devices
 from ._misc import pcg
 from ._ot_problem import solve
 from ._sinkhorn import marginal_errors
@@ -37,7 +37,7 @@ def _dense_system(plan, r, col, rho):
     return matvec, col - plan.sq_rmv(1.0 / r) + rho
 
 
-def _sparse_system(vals, idx, r, m, rho):
+def _sparse_system(vals, idx, r, m, rho, axis_name=None):
     """The same for the plan's kept entries P~ (fixed-shape rows `vals` at columns
     `idx`): S~ = diag(P~^T (P~1 / r)) - P~^T diag(1/r) P~.
 
@@ -51,7 +51,9 @@ def _sparse_system(vals, idx, r, m, rho):
     flat = idx.reshape(-1)
 
     def col_sums(w):  # sum_i w_ij over the kept entries, by scatter-add
-        return jnp.zeros((m,), w.dtype).at[flat].add(w.reshape(-1))
+        return sum_devices(
+            jnp.zeros((m,), w.dtype).at[flat].add(w.reshape(-1)), axis_name
+        )
 
     def pt(y):  # P~^T y
         return col_sums(vals * y[:, None])
@@ -186,16 +188,16 @@ def _newton_loop(
                 # support moves little between Newton steps); select anew (a
                 # top-k over the whole plan, the expensive part) when not.
                 idx, used, kept_ref, e_ref = sel
-                total = jnp.sum(r)
+                total = kernel.rsum(r)
                 vals = jnp.where(used, plan.take(idx), 0)
-                kept = jnp.sum(vals) / total
+                kept = kernel.rsum(vals) / total
                 stale = (kept < kept_ref - _REFRESH_DROP) | (
                     (e != e_ref) & (kept < kept_mass)
                 )
 
                 def select():
                     v, i, u = plan.select(kk, _select_rows)
-                    kept_new = jnp.sum(v) / total
+                    kept_new = kernel.rsum(v) / total
                     return v, i, u, kept_new, kept_new, e
 
                 def skip():  # too little mass: no retry before e changes
@@ -206,7 +208,7 @@ def _newton_loop(
                         return select()
                     # a sample of rows first tells whether k per row can be enough
                     v, _, _ = plan.rows(stride).select(kk, _select_rows)
-                    est = jnp.sum(v) / jnp.sum(r[::stride])
+                    est = kernel.rsum(v) / kernel.rsum(r[::stride])
                     return lax.cond(est >= kept_mass - _SAMPLE_SLACK, select, skip)
 
                 vals, idx, used, kept, kept_ref, e_ref = lax.cond(
@@ -217,7 +219,9 @@ def _newton_loop(
                 sel_new = (idx, used, kept_ref, e_ref)
 
                 def solve_sparse():
-                    matvec, diag = _sparse_system(vals, idx, r_safe, m, rho)
+                    matvec, diag = _sparse_system(
+                        vals, idx, r_safe, m, rho, kernel.axis_name
+                    )
                     return pcg(matvec, rhs, 1.0 / diag, eta, cg_max_steps)[:2]
 
                 delta, its = lax.cond(kept >= kept_mass, solve_sparse, solve_dense)
@@ -226,8 +230,8 @@ def _newton_loop(
             # phi(g) = <g, b> + <a, f_hat(g)>, whose gradient is b - col.
             slope = jnp.vdot(b - col, delta)
             fh0 = f - e * log_a
-            phi0 = jnp.vdot(g, b) + jnp.vdot(a, fh0)
-            slack = roundoff * (jnp.abs(jnp.vdot(g, b)) + jnp.abs(jnp.vdot(a, fh0)))
+            phi0 = jnp.vdot(g, b) + kernel.rdot(a, fh0)
+            slack = roundoff * (jnp.abs(jnp.vdot(g, b)) + jnp.abs(kernel.rdot(a, fh0)))
 
             def ls_cond(s):
                 _, _, ok, i = s
@@ -237,7 +241,7 @@ def _newton_loop(
                 t, _, _, i = s
                 t = t / 2
                 fh = kernel.f_hat(g + t * delta, e)
-                phi = jnp.vdot(g + t * delta, b) + jnp.vdot(a, fh)
+                phi = jnp.vdot(g + t * delta, b) + kernel.rdot(a, fh)
                 ok = (phi >= phi0 + _ARMIJO * t * slope - slack) & (slope > 0)
                 return t, fh, ok, i + 1
 
@@ -272,9 +276,7 @@ def _newton_loop(
 
     f, g, e, steps, n_newton, _, _, _, (_, since) = lax.while_loop(cond, body, init)
     # zero-weight columns: their potential is the c-transform of f
-    g = lax.cond(
-        jnp.all(mb), lambda: g, lambda: jnp.where(mb, g, kernel.g_hat(f, eps))
-    )
+    g = lax.cond(jnp.all(mb), lambda: g, lambda: jnp.where(mb, g, kernel.g_hat(f, eps)))
     error = marginal_errors(kernel, f, g, a, b, eps)
     error = jnp.where(e <= eps, error, jnp.inf)
     return f, g, (steps, n_newton, error, since >= _STALL_STEPS)

@@ -8,7 +8,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._dual import dual_value
 from ._geometry import AbstractGeometry
-from ._kernel import Kernel
+from ._kernel import Kernel, logits
 
 
 class RESULTS(eqx.Enumeration):
@@ -106,8 +106,9 @@ class OTSolution(eqx.Module):
         """The transport plan $P = \\exp((f \\oplus g - C)/\\varepsilon)$ (dense,
         also for an online geometry: use `apply_plan` to avoid it)."""
         k = self._kernel
-        f, g = self.f + k.la, self.g + k.lb
-        return jnp.exp((f[:, None] + g[None, :] - self.cost_matrix) / self.epsilon)
+        return jnp.exp(
+            logits(self.f, self.g, self.cost_matrix, self.epsilon, k.mask_a, k.mask_b)
+        )
 
     def apply_plan(self, v: Float[Array, " k"], axis: int = 1) -> Float[Array, " l"]:
         """$P v$ (`axis=1`, `v` of shape `(m,)`) or $P^T v$ (`axis=0`, `v` of
