@@ -24,6 +24,7 @@ BENCHMARKS = {
     "sqrtm": "benchmarks.sqrtm",
     "lowrank": "benchmarks.lowrank",
     "sinkhorn": "benchmarks.sinkhorn",
+    "ot_scale": "benchmarks.ot_scale",
     "cg": "benchmarks.cg",
     "gpu": "benchmarks.gpu",  # the GPU-only measurements, one prepared run
 }

@@ -53,6 +53,9 @@ def prepare(geom, a, b, epsilon, fn: str):
         geom = Geometry(c)
     dtype = geom.dtype
     n, m = geom.shape
+    axis = getattr(geom, "axis_name", None)  # rows (and a) sharded over devices
+    if a is None and axis is not None:  # uniform over all devices' rows
+        a = jnp.full((n,), 1, dtype) / sum_devices(jnp.asarray(n, dtype), axis)
     a = _weights(a, n, dtype, "a", fn)
     b = _weights(b, m, dtype, "b", fn)
     if epsilon is not None:
@@ -66,8 +69,6 @@ def prepare(geom, a, b, epsilon, fn: str):
 
     tiny = jnp.sqrt(jnp.finfo(dtype).eps)
     finite = geom._finite()
-
-    axis = getattr(geom, "axis_name", None)  # rows (and a) sharded over devices
 
     def good(w, axis):
         nonneg = all_devices(jnp.all(jnp.isfinite(w) & (w >= 0)), axis)

@@ -107,8 +107,13 @@ def sinkhorn(
 
     - `geom`: a [`solvers.PointCloud`][], a [`solvers.Geometry`][] or an `(n, m)`
         cost matrix. Its dtype is the solution's dtype.
-    - `a`, `b`: positive weights of equal total mass (default uniform, mass 1).
-    - `epsilon`: the regularisation, absolute (in the units of the cost).
+    - `a`, `b`: nonnegative weights of equal total mass (default uniform, mass 1).
+        Zero weights are padding: those rows/columns are masked out of every
+        log-sum-exp and marginal (zero plan entries) and get the c-transform as
+        their (finite) potential; see [`solvers.OTSolution`][].
+    - `epsilon`: the regularisation, absolute (in the units of the cost); default
+        (`None`) 0.05 times the standard deviation of the cost's entries (OTT-JAX's
+        rule; computed in one pass, not differentiated).
     - `tol`: tolerance on the L1 marginal error relative to the total mass, so the
         same for weights summing to 1 or to 1e-6 (default $\\sqrt{\\text{eps}}$ of the
         dtype: 3.5e-4 in float32, 1.5e-8 in float64).
@@ -122,12 +127,16 @@ def sinkhorn(
         and reverse mode to any order) or `"unroll"` (backpropagate through the
         iterations with checkpointing; reverse mode; `max_steps` iterations are
         stored).
+    - `init`: a warm start `(f, g)` (e.g. a previous solution's potentials; only
+        `g` is used, `f` is recomputed by an exact update). Skips the epsilon
+        continuation; a converged restart takes at most 2 steps. Not differentiated.
     - `throw`: raise (via `eqx.error_if`, also under `jit`) if the solve fails.
 
     **Returns:** an [`solvers.OTSolution`][].
 
     **Failure modes:** shape and dtype mismatches and a concrete `epsilon <= 0` raise
-    at trace time. NaN/inf cost, non-positive or NaN weights, unequal masses, a
+    at trace time. NaN/inf cost, negative or NaN weights, all-zero weights, unequal
+    masses, a
     traced bad epsilon, non-convergence within `max_steps` and non-finite potentials
     give a result code (raised if `throw`).
 

@@ -343,7 +343,10 @@ def sinkhorn_newton(
 
     **Arguments:**
 
-    - `geom`, `a`, `b`, `epsilon`, `tol`, `throw`: as for [`solvers.sinkhorn`][].
+    - `geom`, `a`, `b`, `epsilon`, `tol`, `init`, `throw`: as for
+        [`solvers.sinkhorn`][] (an online [`solvers.PointCloud`][] with `batch_size`
+        never stores the $n \\times m$ cost; rows sharded with `axis_name` inside
+        `jax.shard_map` solve the same problem on several devices).
     - `max_steps`: limit on Sinkhorn plus Newton steps (default 2,000).
     - `epsilon_schedule`: `"auto"` (default; start at $0.05\\max|C|$ and divide by 4
         whenever the marginal error drops below 1e-3), `None`, or

@@ -508,14 +508,15 @@ _SHARDED = textwrap.dedent(
     ]:
         solve = solvers.sinkhorn if kw is None else functools.partial(
             solvers.sinkhorn_newton, **kw)
-        ref = solve(solvers.PointCloud(x, y, batch_size=bs), a, b, epsilon=1e-2)
+        wa = a if name == "dense" else None  # default: uniform over all rows
+        ref = solve(solvers.PointCloud(x, y, batch_size=bs), wa, b, epsilon=1e-2)
         ref_grad = jax.grad(lambda x: solve(
-            solvers.PointCloud(x, y, batch_size=bs), a, b, epsilon=1e-2
+            solvers.PointCloud(x, y, batch_size=bs), wa, b, epsilon=1e-2
         ).reg_ot_cost)(x)
 
         def solve_sharded(x, y, a, b):
             geom = solvers.PointCloud(x, y, batch_size=bs, axis_name="i")
-            return solve(geom, a, b, epsilon=1e-2)
+            return solve(geom, a if name == "dense" else None, b, epsilon=1e-2)
 
         # check_vma=False: Equinox's error_if does not type-check under shard_map's
         # replication checker. Differentiate outside the shard_map (inside, with
