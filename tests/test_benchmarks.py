@@ -116,3 +116,16 @@ def test_gpu_benchmark_runs_at_tiny_sizes(monkeypatch):
     cg_rows = next(t for t in tables if t.title.startswith("CG to")).rows
     methods = {row[2] for row in cg_rows}
     assert "solvers.cg + IC(0)" not in methods and "solvers.cg + Jacobi" in methods
+
+
+def test_ot_scale_worker_measures_a_converged_online_solve():
+    from benchmarks import ot_scale
+
+    cfg = {"impl": "ours", "n": 300, "dtype": "float32", "batch_size": 64}
+    out = ot_scale.worker({**cfg, "hessian": "sparse"})
+    assert out["error"] <= ot_scale.TOL["float32"], out
+    assert out["rss_peak_mb"] >= out["rss_start_mb"] > 0
+    pytest.importorskip("ott")
+    ott = ot_scale.worker({**cfg, "impl": "ott", "ott_cap": 20, "decay": True})
+    assert ott["capped"] and ott["iterations"] == "20"  # capped: not converged
+    assert ott["error"] > ot_scale.TOL["float32"]

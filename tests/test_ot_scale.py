@@ -43,9 +43,9 @@ COSTS = {
     "solver, cost",
     [
         ("sinkhorn", "sqeuclidean"),
-        ("newton_dense", "euclidean"),
+        pytest.param("newton_dense", "euclidean", marks=pytest.mark.slow),
         ("newton_sparse", "callable"),
-        ("newton_sparse", "sqeuclidean"),
+        pytest.param("newton_sparse", "sqeuclidean", marks=pytest.mark.slow),
     ],
 )
 def test_online_matches_dense(solver, cost):
@@ -83,7 +83,9 @@ def test_online_point_cloud_far_from_origin_float32():
     np.testing.assert_allclose(far.reg_ot_cost, ref.reg_ot_cost, rtol=1e-4)
 
 
-@pytest.mark.parametrize("solver", ["sinkhorn", "newton_sparse"])
+@pytest.mark.parametrize(
+    "solver", [pytest.param("sinkhorn", marks=pytest.mark.slow), "newton_sparse"]
+)
 def test_online_derivatives_equal_the_dense_ones(solver):
     # forward and reverse mode of the implicit potentials and of the cost, online
     # against dense (whose derivatives check_grads verifies in test_sinkhorn)
@@ -184,7 +186,11 @@ def _pad(v, size, fill=0.0):
 
 @pytest.mark.parametrize(
     "solver, batch_size",
-    [("sinkhorn", 16), ("newton_dense", None), ("newton_sparse", 16)],
+    [
+        pytest.param("sinkhorn", 16, marks=pytest.mark.slow),
+        pytest.param("newton_dense", None, marks=pytest.mark.slow),
+        ("newton_sparse", 16),
+    ],
 )
 def test_padding_matches_unpadded_values(solver, batch_size):
     x, y, a, b = problem(30, 25)
@@ -209,7 +215,8 @@ def test_padding_matches_unpadded_values(solver, batch_size):
 
 
 @pytest.mark.parametrize(
-    "solver, batch_size", [("newton_dense", None), ("newton_sparse", 16)]
+    "solver, batch_size",
+    [("newton_dense", None), pytest.param("newton_sparse", 16, marks=pytest.mark.slow)],
 )
 def test_padding_derivatives_match_unpadded(solver, batch_size):
     x, y, a, b = problem(30, 25)
@@ -284,7 +291,11 @@ def test_padded_batch_under_vmap_matches_each_problem():
 
 @pytest.mark.parametrize(
     "solver, batch_size",
-    [("sinkhorn", None), ("newton_dense", 16), ("newton_sparse", None)],
+    [
+        ("sinkhorn", None),
+        ("newton_dense", 16),
+        pytest.param("newton_sparse", None, marks=pytest.mark.slow),
+    ],
 )
 def test_warm_start_from_a_converged_solution(solver, batch_size):
     x, y, a, b = problem(40, 30)
