@@ -6,13 +6,11 @@ from collections.abc import Callable
 from typing import Literal
 
 import equinox as eqx
-import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from ._geometry import PointCloud
-from ._kernel import Kernel
-from ._ot_problem import prepare
+from ._ot_problem import default_epsilon, prepare
 from ._sinkhorn import sinkhorn
 from ._sinkhorn_newton import sinkhorn_newton
 from ._solution import RESULTS, OTSolution
@@ -114,8 +112,8 @@ def sinkhorn_divergence(
     x, y = jnp.asarray(x), jnp.asarray(y)
     xy = PointCloud(x, y, cost=cost, batch_size=batch_size)
     if epsilon is None:
-        kernel, *_ = prepare(xy, a, b, None, fn)
-        epsilon = 0.05 * lax.stop_gradient(Kernel.cost_stats(kernel)[2])
+        kernel, *_ = prepare(xy, a, b, 1.0, fn)
+        epsilon = default_epsilon(kernel)
 
     def ot(solve, u, v, wu, wv, **options):
         geom = PointCloud(u, v, cost=cost, batch_size=batch_size)

@@ -94,13 +94,16 @@ def _tangent(throw, kernel, a, b, eps, f, g, dk, da, db, deps):
     ma, mb = kernel.mask_a, kernel.mask_b
 
     def marginals(k, eps):
-        return k.plan(f, g, eps).marginals()
+        plan = k.plan(f, g, eps)
+        return plan.marginals(), plan
 
     # With f, g fixed, d(P1) = -(1/eps) sum_j P_ij (dC_ij + (f_i + g_j - C_ij)
     # deps / eps), so the linearised constraints' right-hand sides are
-    # eps (da - d(P1)) and eps (db - d(P^T 1)): one pass, forward mode.
-    (r, col), (dr, dcol) = jax.jvp(marginals, (kernel, eps), (dk, deps))
-    plan = kernel.plan(f, g, eps)
+    # eps (da - d(P1)) and eps (db - d(P^T 1)): one pass, forward mode (the
+    # primal plan comes back as the aux, formed once).
+    (r, col), (dr, dcol), plan = jax.jvp(
+        marginals, (kernel, eps), (dk, deps), has_aux=True
+    )
     r = jnp.where(ma, r, 1)
     u = eps * (jnp.where(ma, da, 0) - dr)
     v = eps * (jnp.where(mb, db, 0) - dcol)

@@ -322,9 +322,7 @@ class PointCloud(AbstractGeometry):
         head = jtu.tree_map(
             lambda v: v[: nb * bs].reshape(nb, bs, *v.shape[1:]), (x, tuple(row_args))
         )
-        rows_shape, cols_shape = jax.eval_shape(
-            block, *jtu.tree_map(lambda v: v[0], head)
-        )
+        _, cols_shape = jax.eval_shape(block, *jtu.tree_map(lambda v: v[0], head))
         ident = _IDENTITY[combine]
         combine_fn = _COMBINE[combine]
         acc0 = jtu.tree_map(lambda s: jnp.full(s.shape, ident, s.dtype), cols_shape)
@@ -340,5 +338,4 @@ class PointCloud(AbstractGeometry):
             rows_t, cols_t = block(*tail)
             acc = jtu.tree_map(combine_fn, acc, cols_t)
             rows = jtu.tree_map(lambda u, v: jnp.concatenate([u, v]), rows, rows_t)
-        del rows_shape
         return rows, acc
