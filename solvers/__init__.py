@@ -37,6 +37,10 @@ from ._preconditioners.neural_inverse import (
 )
 from ._preconditioners.omega_bandit import OmegaBandit as OmegaBandit
 from ._preconditioners.ssor import SSOR as SSOR
+from ._sequence import (
+    SequenceSolution as SequenceSolution,
+    solve_sequence as solve_sequence,
+)
 from ._sinkhorn import sinkhorn as sinkhorn
 from ._sinkhorn_newton import sinkhorn_newton as sinkhorn_newton
 from ._solution import RESULTS as RESULTS, OTSolution as OTSolution

@@ -16,6 +16,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from jaxdecomp._misc import default_tol, mm, stop_gradient_arrays
 
 from ._misc import scaled_cg_loop
+from ._recycling import basis_independent, harmonic_ritz, prepare_deflation
 from ._solution import RESULTS
 
 _DERIVATIVE_FAILED = (
@@ -45,30 +46,45 @@ def _symmetry_probe(matvec, b) -> Array:
 
 
 @eqx.filter_custom_jvp
-def _implicit_cg(op, b, x0, precond, *, opts, throw):
+def _implicit_cg(op, b, x0, precond, deflation, *, opts, throw):
     """CG from x0 with the implicit derivative dx = A^{-1}(db - dA x): every tangent
-    and cotangent is a CG solve of its own, from 0, checked for convergence (an
-    error, or NaN with throw=False, never a silently wrong derivative)."""
+    and cotangent is a CG solve of its own, from 0 (deflated by the same basis as
+    the primal solve), checked for convergence (an error, or NaN with throw=False,
+    never a silently wrong derivative). The deflation basis and the recorded
+    directions are constants for differentiation."""
     return scaled_cg_loop(
-        stop_gradient_arrays(op), precond, b, x0, unroll=False, **opts
+        stop_gradient_arrays(op),
+        precond,
+        b,
+        x0,
+        unroll=False,
+        deflation=deflation,
+        **opts,
     )
 
 
 @_implicit_cg.def_jvp
 def _implicit_cg_jvp(primals, tangents, *, opts, throw):
-    op, b, x0, precond = primals
-    t_op, t_b, _, _ = tangents
-    out = _implicit_cg(op, b, x0, precond, opts=opts, throw=throw)
+    op, b, x0, precond, deflation = primals
+    t_op, t_b, _, _, _ = tangents
+    out = _implicit_cg(op, b, x0, precond, deflation, opts=opts, throw=throw)
     x = out[0]
     # rhs = db - dA x, with dA x the tangent of A x in the operator's arrays (None
     # tangents: constants)
     _, dax = eqx.filter_jvp(lambda op: op(x), (op,), (t_op,))
     dax = jnp.zeros_like(x) if dax is None else dax
     rhs = -dax if t_b is None else t_b - dax
+    tangent_opts = dict(opts, window=0)
 
     def solve(matvec, rhs):
-        y, (_, _, converged, _) = scaled_cg_loop(
-            matvec, precond, rhs, jnp.zeros_like(rhs), unroll=False, **opts
+        y, (_, _, converged, _), _ = scaled_cg_loop(
+            matvec,
+            precond,
+            rhs,
+            jnp.zeros_like(rhs),
+            unroll=False,
+            deflation=deflation,
+            **tangent_opts,
         )
         if throw:
             return eqx.error_if(y, ~converged, _DERIVATIVE_FAILED)
@@ -83,7 +99,8 @@ def _implicit_cg_jvp(primals, tangents, *, opts, throw):
         np.zeros(converged.shape, jax.dtypes.float0),
         jnp.zeros_like(rnorm),
     )
-    return out, (dx, t_aux)
+    t_rec = jax.tree_util.tree_map(jnp.zeros_like, out[2])
+    return out, (dx, t_aux, t_rec)
 
 
 class CGSolution(eqx.Module):
@@ -96,6 +113,15 @@ class CGSolution(eqx.Module):
     - `converged`: whether $\\|r\\|_2 \\le
         \\max(\\text{rtol}\\,\\|b\\|_2, \\text{atol})$.
     - `result`: a [`solvers.RESULTS`][] code.
+    - `ritz_vectors`: with `recycle=k` (or a `deflation` basis), `(n, k)` harmonic
+        Ritz vectors of the preconditioned operator with the smallest harmonic Ritz
+        values, from the deflation basis and the solve's first search directions:
+        pass them as `deflation=` to the next, related system (unit columns; a zero
+        column where fewer than k directions were available). `None` otherwise.
+    - `ritz_values`: their harmonic Ritz values, approximations from above of the
+        smallest eigenvalues of $M^{-1}A$ (inf for a zero column), or `None`.
+
+    `ritz_vectors` and `ritz_values` are constants for differentiation.
     """
 
     x: Float[Array, " n"]
@@ -103,6 +129,8 @@ class CGSolution(eqx.Module):
     residual_norms: Float[Array, " max_steps_plus_1"]
     converged: Bool[Array, ""]
     result: RESULTS
+    ritz_vectors: Float[Array, "n k"] | None = None
+    ritz_values: Float[Array, " k"] | None = None
 
 
 def as_matvec(operator, name: str, what: str) -> Callable[[Array], Array]:
@@ -133,6 +161,9 @@ def cg(
     max_steps: int | None = None,
     flexible: bool = False,
     memory: int = 5,
+    deflation: Float[ArrayLike, "n k"] | None = None,
+    recycle: int | None = None,
+    window: int | None = None,
     differentiation: Literal["implicit", "unroll"] = "implicit",
     throw: bool = True,
 ) -> CGSolution:
@@ -171,6 +202,24 @@ def cg(
         updates per step). More memory helps strongly nonlinear preconditioners:
         the trained `NeuralInverse` needs 432, 226, 134, 94 iterations with 1, 2, 5,
         10 (Jacobi: 282; the Polak–Ribière variant used before: 506).
+    - `deflation`: an `(n, k)` basis $W$ of slow modes (e.g. the previous system's
+        `ritz_vectors`): deflated CG (Saad, Yeung, Erhel & Guyomarc'h 2000). $W$ is
+        made A-orthonormal ($k$ matvecs, $O(nk^2)$), the initial guess is corrected,
+        $x_0 \\leftarrow x_0 + W (W^TAW)^{-1} W^T r_0$, and every direction is
+        A-orthogonalised against $W$, $p \\leftarrow p - W(W^TAW)^{-1}(AW)^T z$,
+        so CG runs on the complement of span($W$); each step also removes the
+        residual's rounding-level component in span($W$) (without it, float32
+        deflated CG diverged). $4k$ more dot products and updates per step, no
+        extra matvec. Works with every preconditioner and
+        with `flexible=True`. The solution does not depend on $W$ (a constant for
+        differentiation); the derivative solves reuse it. A non-finite or
+        (numerically) rank-deficient $W$ is `invalid_deflation`.
+    - `recycle`: how many harmonic Ritz vectors to return in `ritz_vectors`
+        (static; default: $k$ with `deflation`, none without).
+    - `window`: how many of the solve's first search directions are recorded for
+        the Ritz extraction (static; default `max(2 recycle, 10)`; costs
+        `2 window` vectors of storage and `recycle + window` preconditioner
+        applications after the solve).
     - `differentiation`: `"implicit"` (default): $x = A^{-1}b$ is differentiated as a
         linear solve (`lax.custom_linear_solve`: derivatives with respect to `b` and
         to arrays the operator closes over, forward and reverse mode, any order; each
@@ -189,7 +238,8 @@ def cg(
     (`not_spd`: the operator or preconditioner is not SPD), an operator that fails a
     two-matvec symmetry probe, $|u^T A v - v^T A u| > \\sqrt{\\varepsilon}(\\|u\\|
     \\|Av\\| + \\|v\\|\\|Au\\|)$ for fixed pseudo-random $u, v$ (`not_symmetric`),
-    and no convergence within `max_steps` (`max_steps_reached`) give result codes,
+    an invalid `deflation` basis (`invalid_deflation`) and no convergence within
+    `max_steps` (`max_steps_reached`) give result codes,
     raised if `throw`. The stopping test runs on the problem scaled by
     $\\max|b|$, so $\\|b\\|$ of $10^{\\pm 25}$ in float32 neither under- nor
     overflows.
@@ -250,17 +300,81 @@ def cg(
             f"{fn}: differentiation must be 'implicit' or 'unroll'; got "
             f"{differentiation!r}."
         )
-
-    finite_b = jnp.all(jnp.isfinite(b))
-    b_safe = jnp.where(finite_b, b, 0)
+    w = None
+    if deflation is not None:
+        w = jnp.asarray(deflation)
+        if w.ndim != 2 or w.shape[0] != n or w.shape[1] < 1:
+            raise ValueError(
+                f"{fn}: deflation must be an (n, k) basis with n = {n} and k >= 1; "
+                f"got shape {w.shape}."
+            )
+        if w.dtype != b.dtype:
+            raise TypeError(
+                f"{fn}: deflation must have b's dtype {b.dtype}; got {w.dtype}."
+            )
+        w = w.T
+    if recycle is None:
+        recycle = 0 if w is None else w.shape[0]
+    if not (isinstance(recycle, int) and recycle >= 0):
+        raise ValueError(f"{fn}: recycle must be an int >= 0; got {recycle}.")
+    window = max(2 * recycle, 10) if window is None else window
+    if not (isinstance(window, int) and window >= (1 if recycle else 0)):
+        raise ValueError(
+            f"{fn}: window must be a positive int (with recycle); got {window}."
+        )
     opts = dict(
         rtol=rtol, atol=atol, max_steps=max_steps, flexible=flexible, memory=memory
     )
+    sol = solve(
+        matvec,
+        precond,
+        b,
+        x0,
+        w,
+        opts=opts,
+        recycle=recycle,
+        window=window if recycle else 0,
+        differentiation=differentiation,
+        strict=True,
+        throw=throw,
+    )
+    if throw:
+        sol = sol.result.error_if(sol, sol.result != RESULTS.successful)
+    return sol
+
+
+def solve(
+    matvec,
+    precond,
+    b,
+    x0,
+    w,
+    *,
+    opts,
+    recycle,
+    window,
+    differentiation,
+    strict,
+    throw,
+) -> CGSolution:
+    """`cg` after argument checking, without raising on the result (the solve of one
+    system in `solve_sequence` too). `w`: deflation rows `(k, n)` or None;
+    `strict`: a non-finite or rank-deficient `w` is `invalid_deflation` (otherwise
+    its dependent directions are dropped: a recycled basis)."""
+    finite_b = jnp.all(jnp.isfinite(b))
+    b_safe = jnp.where(finite_b, b, 0)
     symmetric = _symmetry_probe(matvec, b)
+    deflation, valid_w = None, jnp.array(True)
+    if w is not None:
+        if strict:
+            valid_w = basis_independent(lax.stop_gradient(w))
+            w = jnp.where(valid_w, w, 0)
+        deflation, _ = prepare_deflation(matvec, w)
+    opts = dict(opts, window=window)
 
     if differentiation == "unroll":
-        x, (k, norms, converged, rnorm) = scaled_cg_loop(
-            matvec, precond, b_safe, x0, unroll=True, **opts
+        x, (k, norms, converged, rnorm), recorded = scaled_cg_loop(
+            matvec, precond, b_safe, x0, unroll=True, deflation=deflation, **opts
         )
     else:
         # The solution does not depend on the preconditioner nor on x0, so their
@@ -269,20 +383,37 @@ def cg(
             eqx.filter_closure_convert(precond, b_safe)
         )
         op = eqx.filter_closure_convert(matvec, b_safe)
-        x, (k, norms, converged, rnorm) = _implicit_cg(
-            op, b_safe, lax.stop_gradient(x0), precond_const, opts=opts, throw=throw
+        x, (k, norms, converged, rnorm), recorded = _implicit_cg(
+            op,
+            b_safe,
+            lax.stop_gradient(x0),
+            precond_const,
+            deflation,
+            opts=opts,
+            throw=throw,
         )
+    max_steps = opts["max_steps"]
     breakdown = ~converged & (k < max_steps) & jnp.isfinite(rnorm)
     result = RESULTS.where(converged, RESULTS.successful, RESULTS.max_steps_reached)
     result = RESULTS.where(breakdown, RESULTS.not_spd, result)
     result = RESULTS.where(symmetric, result, RESULTS.not_symmetric)
+    result = RESULTS.where(valid_w, result, RESULTS.invalid_deflation)
     result = RESULTS.where(
         finite_b & jnp.isfinite(rnorm), result, RESULTS.nonfinite_input
     )
-    converged = converged & finite_b
-    sol = CGSolution(
-        x=x, n_steps=k, residual_norms=norms, converged=converged, result=result
+    converged = converged & finite_b & valid_w
+    ritz_vectors = ritz_values = None
+    if recycle:
+        vectors, ritz_values = harmonic_ritz(
+            deflation, recorded, precond, recycle
+        )
+        ritz_vectors = vectors.T
+    return CGSolution(
+        x=x,
+        n_steps=k,
+        residual_norms=norms,
+        converged=converged,
+        result=result,
+        ritz_vectors=ritz_vectors,
+        ritz_values=ritz_values,
     )
-    if throw:
-        sol = result.error_if(sol, result != RESULTS.successful)
-    return sol

@@ -47,6 +47,11 @@ class RESULTS(eqx.Enumeration):
         "transposed solves of its derivative need a symmetric positive definite "
         "operator. Use a nonsymmetric solver (e.g. lineax.GMRES)."
     )
+    invalid_deflation = (
+        "cg: the deflation basis W is not finite or is (numerically) rank-deficient "
+        "(its normalised columns' Gram matrix has an eigenvalue at rounding level); "
+        "drop dependent columns, e.g. by a QR with a rank test."
+    )
     nonfinite_output = (
         "The potentials became NaN or inf (epsilon too small for the dtype without an "
         "epsilon_schedule?)."

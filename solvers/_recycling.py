@@ -1,0 +1,94 @@
+"""Krylov subspace recycling for conjugate gradients: the deflation basis (made
+A-orthonormal for the operator at hand) and the harmonic Ritz vectors extracted
+from a solve for the next system."""
+
+from __future__ import annotations
+
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+
+from jaxdecomp._misc import mm, sym
+
+
+def _eig_floor(dtype, size: int):
+    """Eigenvalues of a Gram matrix below `floor * max` are treated as zero (the
+    rounding level of forming it)."""
+    return 10 * size * float(jnp.finfo(dtype).eps)
+
+
+def a_orthonormalise(w, aw):
+    """Rows `w` (with `aw = A w`) -> rows `q`, `aq` spanning the same space with
+    q A q^T = I on the numerically independent directions and zero rows for the
+    rest (non-finite rows count as dependent). Returns `q, aq, rank`."""
+    finite = jnp.all(jnp.isfinite(w), axis=1) & jnp.all(jnp.isfinite(aw), axis=1)
+    w = jnp.where(finite[:, None], w, 0)
+    aw = jnp.where(finite[:, None], aw, 0)
+    # normalise rows first (the Gram matrix's eigenvalues then measure the angles
+    # between the directions, not their lengths)
+    scale = jnp.linalg.norm(w, axis=1)
+    scale = jnp.where(scale > 0, scale, 1)
+    w, aw = w / scale[:, None], aw / scale[:, None]
+    gram = sym(mm(w, aw.T))
+    d, v = jnp.linalg.eigh(gram)
+    keep = d > _eig_floor(w.dtype, w.shape[0]) * jnp.maximum(jnp.max(d), 0)
+    inv_sqrt = jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, d, 1)), 0)
+    t = v * inv_sqrt  # columns v_i / sqrt(d_i)
+    return mm(t.T, w), mm(t.T, aw), jnp.sum(keep)
+
+
+def basis_independent(w):
+    """Whether the rows of `w` are finite and numerically linearly independent
+    (smallest eigenvalue of the row-normalised Gram matrix above the rounding level)."""
+    finite = jnp.all(jnp.isfinite(w))
+    w = jnp.where(finite, w, 0)
+    norms = jnp.linalg.norm(w, axis=1, keepdims=True)
+    nonzero = jnp.all(norms > 0)
+    wn = w / jnp.where(norms > 0, norms, 1)
+    smallest = jnp.linalg.eigvalsh(sym(mm(wn, wn.T)))[0]
+    return finite & nonzero & (smallest > _eig_floor(w.dtype, w.shape[0]))
+
+
+def prepare_deflation(matvec, w):
+    """`(W, AW)` A-orthonormal rows for `cg_loop(deflation=...)` from rows `w`:
+    k matvecs and O(n k^2) work. Also returns the rank kept."""
+    w = lax.stop_gradient(w)
+    aw = lax.stop_gradient(jax.vmap(matvec)(w))
+    q, aq, rank = a_orthonormalise(w, aw)
+    return (q, aq), rank
+
+
+def harmonic_ritz(deflation, recorded, precond, k: int):
+    """The `k` harmonic Ritz vectors of the preconditioned operator M^{-1} A with the
+    smallest harmonic Ritz values, from the space Z = span(W, P) of the deflation
+    basis and the directions recorded in a solve:
+
+        Z^T A M^{-1} A Z y = theta Z^T A Z y
+
+    (an exact eigenvector v of M^{-1} A in span(Z) is recovered with theta = its
+    eigenvalue; harmonic values approximate the small eigenvalues from above, which
+    are the ones that slow CG down). Costs `rows(Z)` preconditioner applications.
+    Directions that are dependent or non-finite are dropped; when fewer than `k`
+    remain, the missing vectors are zero rows (no deflation in them). Returns rows
+    `(k, n)` normalised to unit 2-norm and the values `(k,)` (inf where missing)."""
+    p, ap = recorded
+    if deflation is not None:
+        p = jnp.concatenate([deflation[0], p])
+        ap = jnp.concatenate([deflation[1], ap])
+    p, ap = lax.stop_gradient(p), lax.stop_gradient(ap)
+    q, aq, _ = a_orthonormalise(p, ap)
+    valid = jnp.linalg.norm(q, axis=1) > 0
+    maq = jax.vmap(precond)(aq)
+    maq = jnp.where(valid[:, None] & jnp.isfinite(maq), maq, 0)
+    c = sym(mm(aq, maq.T))
+    # dropped directions get an eigenvalue above every valid one (the valid block is
+    # positive semidefinite, so its eigenvalues are at most its trace)
+    big = 1 + 2 * jnp.sum(jnp.abs(jnp.diag(c)))
+    theta, u = jnp.linalg.eigh(c + jnp.diag(jnp.where(valid, 0, big)))
+    theta, u = theta[:k], u[:, :k]
+    ok = theta < big / 2
+    vectors = mm(u.T, q)
+    norms = jnp.linalg.norm(vectors, axis=1, keepdims=True)
+    ok = ok & (norms[:, 0] > 0)
+    vectors = jnp.where(ok[:, None], vectors / jnp.where(ok[:, None], norms, 1), 0)
+    return vectors, jnp.where(ok, theta, jnp.inf)
