@@ -404,9 +404,7 @@ def solve(
     converged = converged & finite_b & valid_w
     ritz_vectors = ritz_values = None
     if recycle:
-        vectors, ritz_values = harmonic_ritz(
-            deflation, recorded, precond, recycle
-        )
+        vectors, ritz_values = harmonic_ritz(deflation, recorded, precond, recycle)
         ritz_vectors = vectors.T
     return CGSolution(
         x=x,

@@ -380,9 +380,7 @@ def solve_sequence(
     (_, w_last), outs = lax.scan(body, (x_init, w0), perm)
     # back to input order
     inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(count, dtype=perm.dtype))
-    xs, steps, rnorms, conv, result = jax.tree_util.tree_map(
-        lambda a: a[inverse], outs
-    )
+    xs, steps, rnorms, conv, result = jax.tree_util.tree_map(lambda a: a[inverse], outs)
     sol = SequenceSolution(
         x=xs,
         n_steps=steps,

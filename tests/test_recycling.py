@@ -19,7 +19,9 @@ def spectrum_system(n=60, n_small=4, seed=0, dtype=np.float64, small=(1e-5, 1e-3
     [1, 10]; returns the matrix, its slow eigenvectors and a right-hand side."""
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-    lam = np.concatenate([np.geomspace(*small, n_small), np.linspace(1, 10, n - n_small)])
+    lam = np.concatenate(
+        [np.geomspace(*small, n_small), np.linspace(1, 10, n - n_small)]
+    )
     a = (q * lam) @ q.T
     a = (a + a.T) / 2
     return (
@@ -59,11 +61,17 @@ def test_deflation_with_every_preconditioner(precond, flexible):
         "multigrid": solvers.Multigrid(op),
         "nonlinear": lambda r: r / op.diagonal() * (1 + 0.1 * jnp.tanh(r)),
     }[precond]
-    first = solvers.cg(op, b, preconditioner=pre, rtol=1e-10, flexible=flexible, recycle=6)
+    first = solvers.cg(
+        op, b, preconditioner=pre, rtol=1e-10, flexible=flexible, recycle=6
+    )
     assert first.ritz_vectors.shape == (256, 6)
     b2 = jax.random.normal(jax.random.key(2), (256,))
     sol = solvers.cg(
-        op, b2, preconditioner=pre, rtol=1e-10, flexible=flexible,
+        op,
+        b2,
+        preconditioner=pre,
+        rtol=1e-10,
+        flexible=flexible,
         deflation=first.ritz_vectors,
     )
     exact = np.linalg.solve(np.asarray(op.to_dense()), np.asarray(b2))
@@ -84,8 +92,12 @@ def test_harmonic_ritz_values_are_the_small_eigenvalues():
     lam = np.linalg.eigvalsh(s[:, None] * np.asarray(a) * s[None, :])
     np.testing.assert_allclose(sol.ritz_values, lam[:3], rtol=1e-6)
     v = np.asarray(sol.ritz_vectors)
-    resid = (np.asarray(a) @ v) / np.asarray(d)[:, None] - v * np.asarray(sol.ritz_values)
-    assert np.linalg.norm(resid, axis=0).max() <= 1e-6 * np.asarray(sol.ritz_values).max()
+    resid = (np.asarray(a) @ v) / np.asarray(d)[:, None] - v * np.asarray(
+        sol.ritz_values
+    )
+    assert (
+        np.linalg.norm(resid, axis=0).max() <= 1e-6 * np.asarray(sol.ritz_values).max()
+    )
     np.testing.assert_allclose(np.linalg.norm(v, axis=0), 1.0, rtol=1e-12)
 
 
@@ -109,7 +121,9 @@ def test_deflated_derivatives_both_modes():
         a = (a + a.T) / 2
         return solvers.cg(a, b, rtol=1e-13, deflation=w).x
 
-    check_grads(f, (a, b), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5, eps=1e-6)
+    check_grads(
+        f, (a, b), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5, eps=1e-6
+    )
     # the same derivative as the undeflated solve (W only changes the solver)
     g1 = jax.grad(lambda a: f(a, b).sum())(a)
     g0 = jax.grad(lambda a: solvers.cg((a + a.T) / 2, b, rtol=1e-13).x.sum())(a)
@@ -145,15 +159,17 @@ def test_deflation_jit_vmap_dtype():
         one = f(a, bs[i], w)
         np.testing.assert_allclose(batched.x[i], one.x, rtol=1e-12)
         # the same vectors up to sign (eigenvectors)
-        dots = np.sum(np.asarray(batched.ritz_vectors[i]) * np.asarray(one.ritz_vectors), 0)
+        dots = np.sum(
+            np.asarray(batched.ritz_vectors[i]) * np.asarray(one.ritz_vectors), 0
+        )
         np.testing.assert_allclose(np.abs(dots), 1.0, rtol=1e-8)
     a32, w32, b32 = (x.astype(np.float32) for x in (a, w, b))
     sol = solvers.cg(a32, b32, deflation=w32, rtol=1e-5)
     assert sol.x.dtype == sol.ritz_vectors.dtype == sol.ritz_values.dtype == np.float32
     exact = np.linalg.solve(np.asarray(a), np.asarray(b))
-    assert np.linalg.norm(np.asarray(sol.x, np.float64) - exact) <= 1e-3 * np.linalg.norm(
-        exact
-    )
+    assert np.linalg.norm(
+        np.asarray(sol.x, np.float64) - exact
+    ) <= 1e-3 * np.linalg.norm(exact)
 
 
 def test_deflation_bad_input():
@@ -198,7 +214,11 @@ def test_sequence_time_stepping_matches_a_loop():
     ops = _heat()
     u0 = jax.random.normal(jax.random.key(3), (256,))
     seq = solvers.solve_sequence(
-        ops, lambda i, u: u, initial=u0, recycle=4, preconditioner=solvers.Jacobi,
+        ops,
+        lambda i, u: u,
+        initial=u0,
+        recycle=4,
+        preconditioner=solvers.Jacobi,
         rtol=1e-11,
     )
     u = np.asarray(u0)
@@ -217,7 +237,11 @@ def test_recycling_cuts_iterations_on_a_sequence():
     ops = solvers.problems.heat_steps(base, jnp.full(12, 1e-1))
     u0 = jax.random.normal(jax.random.key(3), (1024,))
     run = lambda k: solvers.solve_sequence(  # noqa: E731
-        ops, lambda i, u: u, initial=u0, recycle=k, preconditioner=solvers.Jacobi,
+        ops,
+        lambda i, u: u,
+        initial=u0,
+        recycle=k,
+        preconditioner=solvers.Jacobi,
         rtol=1e-8,
     )
     plain, recycled = run(0), run(16)
@@ -243,7 +267,9 @@ def test_greedy_order():
         op = jax.tree_util.tree_map(lambda x: x[i], ops)
         exact = np.linalg.solve(np.asarray(op.to_dense()), np.asarray(bs[i]))
         np.testing.assert_allclose(seq.x[i], exact, rtol=1e-8)
-    given = solvers.solve_sequence(ops, bs, order=jnp.array([4, 2, 0, 1, 3]), rtol=1e-11)
+    given = solvers.solve_sequence(
+        ops, bs, order=jnp.array([4, 2, 0, 1, 3]), rtol=1e-11
+    )
     np.testing.assert_array_equal(given.order, [4, 2, 0, 1, 3])
     np.testing.assert_allclose(given.x, seq.x, rtol=1e-8)
 
@@ -262,10 +288,17 @@ def test_sequence_derivatives_both_modes():
 
     # independent right-hand sides, a greedy order, callable operators
     bs = jax.random.normal(jax.random.key(0), (3, 16))
-    g = lambda bs: solvers.solve_sequence(  # noqa: E731
-        lambda i: jax.tree_util.tree_map(lambda x: x[i], ops), bs, recycle=2,
-        order="greedy", features=jnp.arange(3.0)[:, None], rtol=1e-13,
-    ).x
+
+    def g(bs):
+        return solvers.solve_sequence(
+            lambda i: jax.tree_util.tree_map(lambda x: x[i], ops),
+            bs,
+            recycle=2,
+            order="greedy",
+            features=jnp.arange(3.0)[:, None],
+            rtol=1e-13,
+        ).x
+
     check_grads(g, (bs,), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
     check_grads(g, (bs,), order=2, modes=("fwd",), atol=1e-6, rtol=1e-6)
     # second order through reverse mode: forward over reverse (jax.hessian) agrees
@@ -295,9 +328,10 @@ def test_sequence_jit_no_retrace_and_float32():
     seq = solvers.solve_sequence(ops32, bs.astype(np.float32), recycle=3)
     assert seq.x.dtype == seq.ritz_vectors.dtype == np.float32
     ref = solvers.solve_sequence(ops, bs, recycle=3, rtol=1e-11)
-    assert np.abs(np.asarray(seq.x) - np.asarray(ref.x)).max() <= 1e-3 * np.abs(
-        np.asarray(ref.x)
-    ).max()
+    assert (
+        np.abs(np.asarray(seq.x) - np.asarray(ref.x)).max()
+        <= 1e-3 * np.abs(np.asarray(ref.x)).max()
+    )
 
 
 def test_sequence_failures_are_per_system():
