@@ -26,6 +26,7 @@ BENCHMARKS = {
     "sinkhorn": "benchmarks.sinkhorn",
     "ot_scale": "benchmarks.ot_scale",
     "cg": "benchmarks.cg",
+    "recycling": "benchmarks.recycling",
     "gpu": "benchmarks.gpu",  # the GPU-only measurements, one prepared run
 }
 

@@ -44,12 +44,17 @@ def _setting():
 
 
 def train_models(
-    n: int = 64, count: int = 32, steps: int = 300, batch_size: int = 4, dtype=None
+    n: int = 64,
+    count: int = 32,
+    steps: int = 300,
+    batch_size: int = 4,
+    dtype=None,
+    only: tuple[str, ...] | None = None,
 ):
     """Train `solvers.NeuralIC` (solution-weighted loss), `solvers.NeuralFSAI` and
     `solvers.NeuralInverse` (A-norm loss) on `count` fields of the training family at
-    n x n; returns `{name: (model, seconds, losses)}` (seconds include the training
-    solves)."""
+    n x n (or only the named ones); returns `{name: (model, seconds, losses)}`
+    (seconds include the training solves)."""
     dtype = dtype or _setting()[0]
     keys = jax.random.split(jax.random.key(0), count)
     ops = jax.vmap(
@@ -79,6 +84,8 @@ def train_models(
         ("NeuralFSAI", solvers.NeuralFSAI(key), solvers.a_norm_loss, mats),
         ("NeuralInverse", solvers.NeuralInverse(key), solvers.a_norm_loss, ops),
     ):
+        if only is not None and name not in only:
+            continue
         t0 = time.perf_counter()
         model, losses = solvers.train_preconditioner(
             model,

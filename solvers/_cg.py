@@ -218,8 +218,12 @@ def cg(
         (static; default: $k$ with `deflation`, none without).
     - `window`: how many of the solve's first search directions are recorded for
         the Ritz extraction (static; default `max(2 recycle, 10)`; costs
-        `2 window` vectors of storage and `recycle + window` preconditioner
-        applications after the solve).
+        `3 window` vectors of storage, and after the solve $O(n(k +
+        \text{window})^2)$ work and $k$ preconditioner applications for a
+        `deflation` basis of $k$ columns: $M^{-1}A$ of the recorded directions
+        comes from the iteration's own preconditioned residuals, except with
+        `flexible=True`, where the preconditioner may be nonlinear and is applied
+        to all `k + window` vectors).
     - `differentiation`: `"implicit"` (default): $x = A^{-1}b$ is differentiated as a
         linear solve (`lax.custom_linear_solve`: derivatives with respect to `b` and
         to arrays the operator closes over, forward and reverse mode, any order; each
@@ -289,12 +293,6 @@ def cg(
     x0 = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
     if x0.shape != b.shape:
         raise ValueError(f"{fn}: x0 must have shape {b.shape}; got {x0.shape}.")
-    rtol = default_tol(b.dtype, 0.5) if rtol is None else rtol
-    max_steps = 10 * n if max_steps is None else max_steps
-    if not (isinstance(max_steps, int) and max_steps > 0):
-        raise ValueError(f"{fn}: max_steps must be a positive int; got {max_steps}.")
-    if not (isinstance(memory, int) and memory > 0):
-        raise ValueError(f"{fn}: memory must be a positive int; got {memory}.")
     if differentiation not in ("implicit", "unroll"):
         raise ValueError(
             f"{fn}: differentiation must be 'implicit' or 'unroll'; got "
@@ -315,15 +313,8 @@ def cg(
         w = w.T
     if recycle is None:
         recycle = 0 if w is None else w.shape[0]
-    if not (isinstance(recycle, int) and recycle >= 0):
-        raise ValueError(f"{fn}: recycle must be an int >= 0; got {recycle}.")
-    window = max(2 * recycle, 10) if window is None else window
-    if not (isinstance(window, int) and window >= (1 if recycle else 0)):
-        raise ValueError(
-            f"{fn}: window must be a positive int (with recycle); got {window}."
-        )
-    opts = dict(
-        rtol=rtol, atol=atol, max_steps=max_steps, flexible=flexible, memory=memory
+    opts, window = check_options(
+        fn, b.dtype, n, rtol, atol, max_steps, flexible, memory, recycle, window
     )
     sol = solve(
         matvec,
@@ -333,7 +324,7 @@ def cg(
         w,
         opts=opts,
         recycle=recycle,
-        window=window if recycle else 0,
+        window=window,
         differentiation=differentiation,
         strict=True,
         throw=throw,
@@ -341,6 +332,30 @@ def cg(
     if throw:
         sol = sol.result.error_if(sol, sol.result != RESULTS.successful)
     return sol
+
+
+def check_options(
+    fn, dtype, n, rtol, atol, max_steps, flexible, memory, recycle, window
+):
+    """Defaults and checks of the options `cg` and `solve_sequence` share: returns
+    the CG loop's options and the recording window (0 without recycling)."""
+    rtol = default_tol(dtype, 0.5) if rtol is None else rtol
+    max_steps = 10 * n if max_steps is None else max_steps
+    if not (isinstance(max_steps, int) and max_steps > 0):
+        raise ValueError(f"{fn}: max_steps must be a positive int; got {max_steps}.")
+    if not (isinstance(memory, int) and memory > 0):
+        raise ValueError(f"{fn}: memory must be a positive int; got {memory}.")
+    if not (isinstance(recycle, int) and recycle >= 0):
+        raise ValueError(f"{fn}: recycle must be an int >= 0; got {recycle}.")
+    window = max(2 * recycle, 10) if window is None else window
+    if recycle and not (isinstance(window, int) and window >= 1):
+        raise ValueError(
+            f"{fn}: window must be a positive int (with recycle); got {window}."
+        )
+    opts = dict(
+        rtol=rtol, atol=atol, max_steps=max_steps, flexible=flexible, memory=memory
+    )
+    return opts, window if recycle else 0
 
 
 def solve(
@@ -404,7 +419,7 @@ def solve(
     converged = converged & finite_b & valid_w
     ritz_vectors = ritz_values = None
     if recycle:
-        vectors, ritz_values = harmonic_ritz(deflation, recorded, precond, recycle)
+        vectors, ritz_values = harmonic_ritz(recorded, precond, recycle)
         ritz_vectors = vectors.T
     return CGSolution(
         x=x,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 
@@ -57,9 +58,10 @@ def cg_loop(
     it float32 deflated CG diverged. No extra matvec; 4 products with k x n
     matrices per step.
 
-    `window > 0` records the first `window` directions and their products,
-    `recorded = (P, AP)` of shape `(window, n)` (zero rows when the solve stops
-    earlier), for recycling; otherwise `recorded = None`."""
+    `window > 0` records the first `window` directions for recycling and returns
+    `recorded = (Z, AZ, M^{-1} A Z)`: rows of the deflation basis and of the
+    directions (zero rows when the solve stops earlier); the third is None for
+    flexible CG. Otherwise `recorded = None`."""
     tol = jnp.maximum(rtol * jnp.linalg.norm(lax.stop_gradient(b)), atol)
     r0 = b - matvec(x0)
     if deflation is not None:
@@ -97,9 +99,19 @@ def cg_loop(
         jnp.zeros((m, b.shape[0]), b.dtype),
         jnp.ones((m,), b.dtype),
     )
+    # recycling record: the first `window` directions p_j and A p_j; for a fixed
+    # preconditioner (not flexible) also z_0..z_window, alpha_j and the coarse
+    # coefficients c_j, from which M^{-1} A p_j follows without applying M^{-1}
+    k_defl = 0 if deflation is None else deflation[0].shape[0]
+    z_trick = bool(window) and not flexible
     record0 = (
         jnp.zeros((window, b.shape[0]), b.dtype),
         jnp.zeros((window, b.shape[0]), b.dtype),
+        jnp.zeros((window + 1 if z_trick else 0, b.shape[0]), b.dtype).at[0].set(z0)
+        if z_trick
+        else None,
+        jnp.zeros((window,), b.dtype),
+        jnp.zeros((window, k_defl), b.dtype),
     )
     rz0 = jnp.vdot(r0, z0)
     coarse0 = None if deflation is None else jnp.zeros(deflation[0].shape[0], b.dtype)
@@ -127,18 +139,6 @@ def cg_loop(
         x, coarse, r, z, p, rz, ring, record, norms, k, _ = s
         ap = matvec(p)
         pap = jnp.vdot(p, ap)
-        if window:
-            # the first `window` directions, in place (a select of the old row once
-            # the window is full). The first ones are the better choice: measured,
-            # the last `window` recycle worse (198 vs 94 steps per heat step, 64^2)
-            slot = jnp.minimum(k, window - 1)
-            full = k >= window
-            record = tuple(
-                lax.dynamic_update_index_in_dim(
-                    buf, jnp.where(full, buf[slot], v), slot, 0
-                )
-                for buf, v in zip(record, (p, ap))
-            )
         breakdown = ~(pap > 0) | ~(rz > 0)  # non-SPD operator or preconditioner
         # flexible: alpha = p^T r / p^T A p (= r^T z / p^T A p for a fixed SPD M)
         num = jnp.vdot(p, r) if flexible else rz
@@ -150,6 +150,8 @@ def cg_loop(
             coarse = coarse + c
         z_new = precond(r_new)
         rz_new = jnp.vdot(r_new, z_new)
+        if window:
+            record = _record(record, k, window, p, ap, z_new, alpha, c)
         if flexible:
             ps, aps, paps = ring
             i = k % m
@@ -177,7 +179,59 @@ def cg_loop(
         x = x + mm(coarse, deflation[0])
     # the stop flag also fires on breakdown; convergence is judged on the residual
     info = (k, norms, jnp.linalg.norm(r) <= tol, jnp.linalg.norm(r))
-    return x, info, (record if window else None)
+    if not window:
+        return x, info, None
+    return x, info, _recycling_basis(record, k, window, deflation, precond)
+
+
+def _record(record, k, window, p, ap, z_new, alpha, c):
+    """Store step k's p, A p, z_{k+1}, alpha_k and c_k while k < window (in place: a
+    select of the old row once the window is full). The first directions are the
+    better choice: measured, the last `window` recycle worse (198 vs 94 steps per
+    heat step, 64^2)."""
+    slot = jnp.minimum(k, window - 1)
+    full = k >= window
+
+    def put(buf, v, at):
+        return lax.dynamic_update_index_in_dim(buf, jnp.where(full, buf[at], v), at, 0)
+
+    ps, aps, zs, alphas, cs = record
+    ps, aps = put(ps, p, slot), put(aps, ap, slot)
+    if zs is not None:
+        zs = put(zs, z_new, slot + 1)
+    alphas = put(alphas, alpha, slot)
+    if c is not None:
+        cs = put(cs, c, slot)
+    return ps, aps, zs, alphas, cs
+
+
+def _recycling_basis(record, k, window, deflation, precond):
+    """`(Z, AZ, M^{-1} A Z)` rows for the Ritz extraction: the deflation basis and
+    the recorded directions (rows of steps not taken or broken down are zero).
+    M^{-1} A p_j = (z_j - z_{j+1} - (M^{-1} A W)^T c_j) / alpha_j, from
+    r_{j+1} = r_j - alpha_j A p_j - (AW)^T c_j: only the k_defl rows of
+    M^{-1} A W cost preconditioner applications. `None` for the third entry with a
+    flexible (possibly nonlinear) preconditioner."""
+    ps, aps, zs, alphas, cs = record
+    valid = (alphas != 0) & (jnp.arange(window) < k)
+    ps = jnp.where(valid[:, None], ps, 0)
+    aps = jnp.where(valid[:, None], aps, 0)
+    maps, maw = None, None
+    if zs is not None:
+        diff = zs[:-1] - zs[1:]
+        if deflation is not None:
+            maw = jax.vmap(precond)(deflation[1])
+            diff = diff - mm(cs, maw)
+        maps = diff / jnp.where(valid, alphas, 1)[:, None]
+        maps = jnp.where(valid[:, None], maps, 0)
+    if deflation is None:
+        return ps, aps, maps
+    w, aw = deflation
+    return (
+        jnp.concatenate([w, ps]),
+        jnp.concatenate([aw, aps]),
+        None if maps is None else jnp.concatenate([maw, maps]),
+    )
 
 
 def pcg(matvec, b, inv_diag, rtol, max_steps: int):

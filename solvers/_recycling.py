@@ -17,24 +17,35 @@ def _eig_floor(dtype, size: int):
     return 10 * size * float(jnp.finfo(dtype).eps)
 
 
-def a_orthonormalise(w, aw):
+def a_orthonormalise(w, aw, extra=None):
     """Rows `w` (with `aw = A w`) -> rows `q`, `aq` spanning the same space with
     q A q^T = I on the numerically independent directions and zero rows for the
-    rest (non-finite rows count as dependent). Returns `q, aq, rank`."""
+    rest (non-finite rows count as dependent); `extra` (rows of a linear image of
+    `w`, e.g. M^{-1} A w) gets the same transformation. Returns `q, aq, extra_q,
+    rank`."""
     finite = jnp.all(jnp.isfinite(w), axis=1) & jnp.all(jnp.isfinite(aw), axis=1)
-    w = jnp.where(finite[:, None], w, 0)
-    aw = jnp.where(finite[:, None], aw, 0)
+    if extra is not None:
+        finite = finite & jnp.all(jnp.isfinite(extra), axis=1)
     # normalise rows first (the Gram matrix's eigenvalues then measure the angles
     # between the directions, not their lengths)
-    scale = jnp.linalg.norm(w, axis=1)
-    scale = jnp.where(scale > 0, scale, 1)
-    w, aw = w / scale[:, None], aw / scale[:, None]
+    scale = jnp.linalg.norm(jnp.where(finite[:, None], w, 0), axis=1)
+    scale = jnp.where(finite & (scale > 0), scale, jnp.inf)
+
+    def prep(x):
+        return None if x is None else jnp.where(finite[:, None], x, 0) / scale[:, None]
+
+    w, aw, extra = prep(w), prep(aw), prep(extra)
     gram = sym(mm(w, aw.T))
     d, v = jnp.linalg.eigh(gram)
     keep = d > _eig_floor(w.dtype, w.shape[0]) * jnp.maximum(jnp.max(d), 0)
     inv_sqrt = jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, d, 1)), 0)
-    t = v * inv_sqrt  # columns v_i / sqrt(d_i)
-    return mm(t.T, w), mm(t.T, aw), jnp.sum(keep)
+    t = (v * inv_sqrt).T  # rows v_i / sqrt(d_i)
+    return (
+        mm(t, w),
+        mm(t, aw),
+        None if extra is None else mm(t, extra),
+        jnp.sum(keep),
+    )
 
 
 def basis_independent(w):
@@ -54,31 +65,29 @@ def prepare_deflation(matvec, w):
     k matvecs and O(n k^2) work. Also returns the rank kept."""
     w = lax.stop_gradient(w)
     aw = lax.stop_gradient(jax.vmap(matvec)(w))
-    q, aq, rank = a_orthonormalise(w, aw)
+    q, aq, _, rank = a_orthonormalise(w, aw)
     return (q, aq), rank
 
 
-def harmonic_ritz(deflation, recorded, precond, k: int):
+def harmonic_ritz(recorded, precond, k: int):
     """The `k` harmonic Ritz vectors of the preconditioned operator M^{-1} A with the
     smallest harmonic Ritz values, from the space Z = span(W, P) of the deflation
-    basis and the directions recorded in a solve:
+    basis and the directions recorded in a solve (`recorded = (Z, AZ, M^{-1} A Z)`
+    rows, the last None when M^{-1} must be applied here):
 
         Z^T A M^{-1} A Z y = theta Z^T A Z y
 
     (an exact eigenvector v of M^{-1} A in span(Z) is recovered with theta = its
     eigenvalue; harmonic values approximate the small eigenvalues from above, which
-    are the ones that slow CG down). Costs `rows(Z)` preconditioner applications.
-    Directions that are dependent or non-finite are dropped; when fewer than `k`
-    remain, the missing vectors are zero rows (no deflation in them). Returns rows
-    `(k, n)` normalised to unit 2-norm and the values `(k,)` (inf where missing)."""
-    p, ap = recorded
-    if deflation is not None:
-        p = jnp.concatenate([deflation[0], p])
-        ap = jnp.concatenate([deflation[1], ap])
-    p, ap = lax.stop_gradient(p), lax.stop_gradient(ap)
-    q, aq, _ = a_orthonormalise(p, ap)
+    are the ones that slow CG down). Directions that are dependent or non-finite
+    are dropped; when fewer than `k` remain, the missing vectors are zero rows (no
+    deflation in them). Returns rows `(k, n)` normalised to unit 2-norm and the
+    values `(k,)` (inf where missing)."""
+    z, az, maz = (None if x is None else lax.stop_gradient(x) for x in recorded)
+    q, aq, maq, _ = a_orthonormalise(z, az, maz)
     valid = jnp.linalg.norm(q, axis=1) > 0
-    maq = jax.vmap(precond)(aq)
+    if maq is None:
+        maq = jax.vmap(precond)(aq)
     maq = jnp.where(valid[:, None] & jnp.isfinite(maq), maq, 0)
     c = sym(mm(aq, maq.T))
     # dropped directions get an eigenvalue above every valid one (the valid block is

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from jaxdecomp._misc import default_tol, mm
+from jaxdecomp._misc import mm
 
-from ._cg import as_matvec, solve
+from ._cg import as_matvec, check_options, solve
 from ._solution import RESULTS
 
 
@@ -113,8 +113,9 @@ def solve_sequence(
     and the first `window` search directions of the previous solve. The slow modes
     of related operators are close, so each solve starts with them removed; the
     basis improves along the sequence (each solve adds `window` fresh directions).
-    Overhead per system: $k$ matvecs, $k + $ `window` preconditioner applications,
-    $O(n(k + \\text{window})^2)$ work and $2k$ dot products per iteration.
+    Overhead per system: $k$ matvecs, $k$ preconditioner applications ($k +$
+    `window` with `flexible=True`), $O(n(k + \\text{window})^2)$ work, and four
+    products with $k \\times n$ matrices per iteration.
 
     **Arguments:**
 
@@ -276,11 +277,9 @@ def solve_sequence(
         )
     del op0
 
-    if not (isinstance(recycle, int) and recycle >= 0):
-        raise ValueError(f"{fn}: recycle must be an int >= 0; got {recycle}.")
-    window = max(2 * recycle, 10) if window is None else window
-    if recycle and not (isinstance(window, int) and window >= 1):
-        raise ValueError(f"{fn}: window must be a positive int; got {window}.")
+    opts, window = check_options(
+        fn, dtype, n, rtol, atol, max_steps, flexible, memory, recycle, window
+    )
     w0 = None
     if deflation is not None:
         w0 = jnp.asarray(deflation)
@@ -337,16 +336,6 @@ def solve_sequence(
                 raise ValueError(f"{fn}: order is not a permutation of 0..{count - 1}.")
             perm = perm.astype(jnp.int32)
 
-    rtol = default_tol(dtype, 0.5) if rtol is None else rtol
-    max_steps = 10 * n if max_steps is None else max_steps
-    if not (isinstance(max_steps, int) and max_steps > 0):
-        raise ValueError(f"{fn}: max_steps must be a positive int; got {max_steps}.")
-    if not (isinstance(memory, int) and memory > 0):
-        raise ValueError(f"{fn}: memory must be a positive int; got {memory}.")
-    opts = dict(
-        rtol=rtol, atol=atol, max_steps=max_steps, flexible=flexible, memory=memory
-    )
-
     def body(carry, i):
         x_prev, w = carry
         op = get_op(i)
@@ -367,7 +356,7 @@ def solve_sequence(
             w,
             opts=opts,
             recycle=recycle,
-            window=window if recycle else 0,
+            window=window,
             differentiation="implicit",
             strict=False,
             throw=throw,

@@ -312,9 +312,18 @@ def _cg_cases():
     }
 
 
+def _deflation_basis(n, dtype):
+    """A random deflation basis for the edge cases (1 column for 2 x 2 systems)."""
+    k = 1 if n <= 2 else 2
+    return jnp.asarray(np.random.default_rng(5).standard_normal((n, k)), dtype)
+
+
+@pytest.mark.parametrize("solver", ["cg", "deflated", "sequence"])
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", list(_cg_cases()))
-def test_cg_edge(case, dtype):
+def test_cg_edge(case, dtype, solver):
+    """Every CG edge case also through deflated CG (a random basis, returning Ritz
+    vectors) and through `solve_sequence` (the system twice, recycling)."""
     a, b, kw = _cg_cases()[case]
     kw = dict(kw)
     if kw.get("preconditioner") == "nan":
@@ -322,7 +331,40 @@ def test_cg_edge(case, dtype):
     elif kw.get("preconditioner") == "zero":
         kw["preconditioner"] = lambda r: 0 * r
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-    sol = solvers.cg(a, b, throw=False, **kw)
+    if solver == "cg":
+        sol = solvers.cg(a, b, throw=False, **kw)
+    elif solver == "deflated":
+        sol = solvers.cg(
+            a, b, throw=False, deflation=_deflation_basis(b.shape[0], dtype), **kw
+        )
+        assert sol.ritz_vectors.dtype == dtype
+        assert np.all(np.isfinite(np.asarray(sol.ritz_vectors)))
+    else:
+        pre = kw.pop("preconditioner", None)
+        seq = solvers.solve_sequence(
+            jnp.stack([a, a]),
+            jnp.stack([b, b]),
+            recycle=1,
+            preconditioner=None if pre is None else (lambda op: pre),
+            throw=False,
+            **kw,
+        )
+        # both systems agree on the outcome (the second is deflated and warm-started)
+        first, second = (
+            jax.tree_util.tree_map(lambda c: c[i], seq.result) for i in (0, 1)
+        )
+        ok = [r == solvers.RESULTS.successful for r in (first, second)]
+        if not all(ok):
+            assert case not in ("spd", "zero_rhs", "tiny_rhs", "huge_rhs"), ok
+            return
+        sol = jax.tree_util.tree_map(lambda x: x[1], seq)
+        sol = solvers.CGSolution(
+            x=sol.x,
+            n_steps=sol.n_steps,
+            residual_norms=jnp.zeros(1, dtype),
+            converged=sol.converged,
+            result=second,
+        )
     if sol.result != solvers.RESULTS.successful:
         assert case not in ("spd", "zero_rhs", "tiny_rhs", "huge_rhs")
         return
