@@ -54,7 +54,9 @@ def _sequences(n: int, steps: int, systems: int, dtype):
     keys = jax.random.split(jax.random.key(2), systems)
     fields = jax.jit(
         jax.vmap(
-            lambda k: solvers.problems.diffusion_2d(k, n, variance=VARIANCE, dtype=dtype)
+            lambda k: solvers.problems.diffusion_2d(
+                k, n, variance=VARIANCE, dtype=dtype
+            )
         )
     )(keys)
     ones = jnp.ones((systems, n * n), dtype)
@@ -115,7 +117,13 @@ def _scipy_rows(table, name, ops, xs_rhs, rtol, chained, u0, anchors):
                     k[0] += 1
 
                 x, _ = spla.cg(
-                    a, b, x0=x_prev, rtol=rtol, atol=0.0, M=m, maxiter=10 * len(b),
+                    a,
+                    b,
+                    x0=x_prev,
+                    rtol=rtol,
+                    atol=0.0,
+                    M=m,
+                    maxiter=10 * len(b),
                     callback=cb,
                 )
                 its += k[0]
@@ -215,9 +223,7 @@ def run(
                 print(f"  {seq_name} / {pname} / {label} ...", flush=True)
                 t, sol = _timed(fn, ops, bs, repeats=repeats)
                 ok = bool(jnp.all(sol.converged))
-                rhs_used = (
-                    jnp.concatenate([u0[None], sol.x[:-1]]) if chained else bs
-                )
+                rhs_used = jnp.concatenate([u0[None], sol.x[:-1]]) if chained else bs
                 res = _true_residual(ops, sol.x, rhs_used)
                 its = int(sol.total_steps)
                 if base is None:
@@ -259,7 +265,9 @@ def neural_inverse_at_size(sizes=(64, 128, 256), train_steps: int = 300):
     from .cg import HELD_OUT, train_models
 
     dtype, rtol = jnp.float64, 1e-8
-    trained = train_models(n=64, steps=train_steps, dtype=dtype, only=("NeuralInverse",))
+    trained = train_models(
+        n=64, steps=train_steps, dtype=dtype, only=("NeuralInverse",)
+    )
     model, secs, losses = trained["NeuralInverse"]
     table = Table(
         f"NeuralInverse trained on 64 x 64 (variance {VARIANCE}, {train_steps} Adam "
