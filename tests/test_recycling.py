@@ -47,11 +47,24 @@ def test_deflation_removes_slow_modes():
     np.testing.assert_allclose(again.x, exact, rtol=1e-8)
 
 
-@pytest.mark.parametrize("flexible", [False, True])
-@pytest.mark.parametrize("precond", ["none", "jacobi", "ic0", "multigrid", "nonlinear"])
+_SLOW = pytest.mark.slow  # default-suite time: one fixed and one flexible case run
+
+
+@pytest.mark.parametrize(
+    "precond, flexible",
+    [
+        ("jacobi", False),
+        ("nonlinear", True),
+        pytest.param("none", False, marks=_SLOW),
+        pytest.param("ic0", False, marks=_SLOW),
+        pytest.param("multigrid", False, marks=_SLOW),
+        pytest.param("none", True, marks=_SLOW),
+        pytest.param("jacobi", True, marks=_SLOW),
+        pytest.param("ic0", True, marks=_SLOW),
+        pytest.param("multigrid", True, marks=_SLOW),
+    ],
+)
 def test_deflation_with_every_preconditioner(precond, flexible):
-    if precond == "nonlinear" and not flexible:
-        pytest.skip("a nonlinear preconditioner needs flexible CG")
     op = solvers.problems.diffusion_2d(jax.random.key(0), 16, variance=2.0)
     b = jax.random.normal(jax.random.key(1), (256,))
     pre = {
@@ -300,6 +313,16 @@ def test_sequence_derivatives_both_modes():
         ).x
 
     check_grads(g, (bs,), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sequence_second_derivatives():
+    ops = _heat(n=4, steps=3)
+    bs = jax.random.normal(jax.random.key(0), (3, 16))
+
+    def g(bs):
+        return solvers.solve_sequence(ops, bs, recycle=2, order="greedy", rtol=1e-13).x
+
     check_grads(g, (bs,), order=2, modes=("fwd",), atol=1e-6, rtol=1e-6)
     # second order through reverse mode: forward over reverse (jax.hessian) agrees
     # with forward over forward. Reverse over reverse is not available: JAX cannot
