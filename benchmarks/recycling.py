@@ -8,9 +8,10 @@ Two sequences on 2-D variable-coefficient diffusion (log-normal fields, log-vari
 (||b - A x|| <= rtol ||b||, the recursively updated residual; rtol 1e-8, float64 on
 CPU):
 
-- `heat_steps`: implicit-Euler steps (A + h^2/dt I) u_{k+1} = u_k, dt = 1e-2 (in the
-  h^2-scaled form, 1/(n^2 dt) on the diagonal), u_0 random; the right-hand side of
-  each step is the previous solution (time stepping: the sequence is chained).
+- `heat_steps`: implicit-Euler steps (I + dt A/h^2) u_{k+1} = u_k, dt = 1e-2, in the
+  h^2-scaled form (A + s I) u_{k+1} = s u_k with s = h^2/dt = 1/(n^2 dt), u_0
+  random; the right-hand side of each step is the previous solution (time stepping:
+  the sequence is chained).
 - `fields`: independent coefficient fields (the neural-operator data-generation case
   of SKR), b = 1 for every system; solved in the given order or in SKR's greedy
   nearest-neighbour order of the face coefficients.
@@ -94,6 +95,7 @@ def _scipy_rows(table, name, ops, xs_rhs, rtol, chained, u0, anchors):
         jax.tree_util.tree_map(lambda a: a[i], ops).to_scipy() for i in range(count)
     ]
     rhs = None if chained else np.asarray(xs_rhs)
+    shifts = np.asarray(ops.shift) if chained else None
 
     modes = ("rebuilt per system", "reused")
     if not chained and count > 50:
@@ -112,7 +114,7 @@ def _scipy_rows(table, name, ops, xs_rhs, rtol, chained, u0, anchors):
                 if mode == "rebuilt per system" or ml is None:
                     ml = pyamg.smoothed_aggregation_solver(a)
                 m = ml.aspreconditioner(cycle="V")
-                b = x_prev if chained else rhs[i]
+                b = shifts[i] * x_prev if chained else rhs[i]
                 k = [0]
 
                 def cb(xk, k=k):
@@ -220,7 +222,7 @@ def run(
             for label, k, order in strategies:
 
                 def go(ops, bs, k=k, order=order):
-                    rhs = (lambda i, u: u) if bs is None else bs
+                    rhs = (lambda i, u: ops.shift[i] * u) if bs is None else bs
                     return solvers.solve_sequence(
                         ops,
                         rhs,
@@ -236,7 +238,11 @@ def run(
                 print(f"  {seq_name} / {pname} / {label} ...", flush=True)
                 t, sol = _timed(fn, ops, bs, repeats=repeats)
                 ok = bool(jnp.all(sol.converged))
-                rhs_used = jnp.concatenate([u0[None], sol.x[:-1]]) if chained else bs
+                rhs_used = (
+                    ops.shift[:, None] * jnp.concatenate([u0[None], sol.x[:-1]])
+                    if chained
+                    else bs
+                )
                 res = _true_residual(ops, sol.x, rhs_used)
                 its = int(sol.total_steps)
                 if base is None:

@@ -126,7 +126,9 @@ def solve_sequence(
         Each operator is anything [`solvers.cg`][] takes.
     - `rhs`: the right-hand sides `(N, n)`, or a function `(i, x_prev) -> b_i` of the
         index and the previous system's solution (`initial` for the first): time
-        stepping, e.g. `lambda i, u: u` for implicit Euler.
+        stepping, e.g. `lambda i, u: ops.shift[i] * u` for the implicit-Euler
+        steps of [`solvers.problems.heat_steps`][] (their $h^2$-scaled form
+        $(A + sI)u_{k+1} = s u_k$).
     - `length`: the number of systems (needed only when both are callables).
     - `recycle`: $k$, the recycled dimension (static; 0: plain warm-started PCG).
     - `window`: directions recorded per solve for the Ritz extraction (static;
@@ -180,7 +182,11 @@ def solve_sequence(
     ops = solvers.problems.heat_steps(base, jnp.full(20, 1e-2))
     u0 = jnp.ones(32 * 32)
     sol = solvers.solve_sequence(
-        ops, lambda i, u: u, initial=u0, recycle=8, preconditioner=solvers.Jacobi
+        ops,
+        lambda i, u: ops.shift[i] * u,
+        initial=u0,
+        recycle=8,
+        preconditioner=solvers.Jacobi,
     )
     print(sol.n_steps, sol.total_steps)
     ```

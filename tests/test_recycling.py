@@ -228,7 +228,7 @@ def test_sequence_time_stepping_matches_a_loop():
     u0 = jax.random.normal(jax.random.key(3), (256,))
     seq = solvers.solve_sequence(
         ops,
-        lambda i, u: u,
+        lambda i, u: ops.shift[i] * u,
         initial=u0,
         recycle=4,
         preconditioner=solvers.Jacobi,
@@ -237,7 +237,7 @@ def test_sequence_time_stepping_matches_a_loop():
     u = np.asarray(u0)
     for i in range(6):
         op = jax.tree_util.tree_map(lambda x: x[i], ops)
-        u = np.linalg.solve(np.asarray(op.to_dense()), u)
+        u = np.linalg.solve(np.asarray(op.to_dense()), float(op.shift) * u)
         np.testing.assert_allclose(seq.x[i], u, rtol=1e-8)
     assert seq.n_steps.shape == (6,) and bool(jnp.all(seq.converged))
     assert bool(jnp.all(seq.result == solvers.RESULTS.successful))
@@ -251,7 +251,7 @@ def test_recycling_cuts_iterations_on_a_sequence():
     u0 = jax.random.normal(jax.random.key(3), (1024,))
     run = lambda k: solvers.solve_sequence(  # noqa: E731
         ops,
-        lambda i, u: u,
+        lambda i, u: ops.shift[i] * u,
         initial=u0,
         recycle=k,
         preconditioner=solvers.Jacobi,
@@ -260,7 +260,7 @@ def test_recycling_cuts_iterations_on_a_sequence():
     plain, recycled = run(0), run(16)
     diff = np.linalg.norm(np.asarray(recycled.x - plain.x), axis=1)
     assert (diff <= 1e-6 * np.linalg.norm(np.asarray(plain.x), axis=1)).all()
-    # measured: 1020 vs 2088 total steps (the last systems: 66 vs 174)
+    # measured: 948 vs 1743 total steps (the last systems: 53 vs 143)
     assert int(recycled.total_steps) < 0.6 * int(plain.total_steps)
     assert plain.ritz_vectors is None
 
@@ -294,7 +294,7 @@ def test_sequence_derivatives_both_modes():
     def f(kx, u0):
         o = eqx.tree_at(lambda o: o.kx, ops, kx)
         return solvers.solve_sequence(
-            o, lambda i, u: u, initial=u0, recycle=2, rtol=1e-13
+            o, lambda i, u: o.shift[i] * u, initial=u0, recycle=2, rtol=1e-13
         ).x
 
     check_grads(f, (ops.kx, u0), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)

@@ -321,7 +321,9 @@ def diffusion_2d(
 def heat_steps(op: _GridDiffusion, dts: Float[ArrayLike, " steps"]) -> _GridDiffusion:
     """A sequence of related systems: implicit-Euler heat-equation steps
     $(I + \\Delta t_k A_{\\text{unscaled}})\\,u_{k+1} = u_k$ with time steps `dts`,
-    in the $h^2$-scaled form $A + (h^2/\\Delta t_k) I$ ($h = 1/n$), returned as one
+    in the $h^2$-scaled form $(A + s_k I)\\,u_{k+1} = s_k u_k$,
+    $s_k = h^2/\\Delta t_k$ ($h = 1/n$; mind the $s_k$ on the right-hand side:
+    `ops.shift[k] * u`), the operators returned as one
     batched [`Diffusion2D`][solvers.problems.Diffusion2D] or
     [`Diffusion3D`][solvers.problems.Diffusion3D] (leading axis = step;
     index it with `jax.tree_util.tree_map(lambda x: x[k], ops)` or `jax.vmap` over
