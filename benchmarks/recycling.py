@@ -280,7 +280,9 @@ def run(
     return [table, neural_inverse_at_size(sizes)]
 
 
-def neural_inverse_at_size(sizes=(64, 128, 256), train_steps: int = 300):
+def neural_inverse_at_size(
+    sizes=(64, 128, 256), train_steps: int = 300, max_steps: int = 3000
+):
     """The trained `NeuralInverse` (flexible CG, FCG(5)), trained on 64 x 64 fields as
     in the `cg` benchmark, on held-out fields of the same family at growing sizes:
     iterations against Jacobi-PCG and IC(0)-PCG. DCDM (Kaneda et al.) reports
@@ -314,13 +316,14 @@ def neural_inverse_at_size(sizes=(64, 128, 256), train_steps: int = 300):
                 b,
                 preconditioner=pre(op),
                 rtol=rtol,
-                max_steps=40 * op.n,
+                max_steps=max_steps,
                 flexible=flexible,
                 throw=False,
             )
         )(op, b)
         res = float(jnp.linalg.norm(b - op.mv(sol.x)) / jnp.linalg.norm(b))
-        return int(sol.n_steps) if bool(sol.converged) else None, res
+        steps = int(sol.n_steps)
+        return (steps if bool(sol.converged) else f"> {steps}"), res
 
     for n in sizes:
         print(f"  NeuralInverse at {n} x {n} ...", flush=True)
@@ -330,17 +333,20 @@ def neural_inverse_at_size(sizes=(64, 128, 256), train_steps: int = 300):
         jac, _ = solve(op, solvers.Jacobi, False)
         ic, _ = solve(op, lambda o: solvers.IncompleteCholesky(o.to_sparse()), False)
         net, res = solve(op, model, True)
+        both = isinstance(net, int) and isinstance(jac, int)
         table.add(
             n,
             jac,
             ic,
             net,
-            None if net is None or jac is None else net / jac,
-            None if net is None else net / n,
+            net / jac if both else None,
+            net / n if isinstance(net, int) else None,
             res,
         )
+        print("  " + " | ".join(map(str, table.rows[-1])), flush=True)
     table.notes.append(
-        f"training loss {float(losses[0]):.3g} -> {float(losses[-1]):.3g}; the "
+        f"training loss {float(losses[0]):.3g} -> {float(losses[-1]):.3g}; "
+        f"max_steps {max_steps} for every solve ('> N': not converged); the "
         "network is 2-D only (no 3-D NeuralInverse exists in solvers yet)."
     )
     return table

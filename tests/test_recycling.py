@@ -135,12 +135,25 @@ def test_deflated_derivatives_both_modes():
         return solvers.cg(a, b, rtol=1e-13, deflation=w).x
 
     check_grads(
-        f, (a, b), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5, eps=1e-6
+        f, (a, b), order=1, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5, eps=1e-6
     )
-    # the same derivative as the undeflated solve (W only changes the solver)
+    # the same derivative as the undeflated solve (W only changes the solver).
+    # Second order: test_deflated_second_derivatives (slow: default-suite time)
     g1 = jax.grad(lambda a: f(a, b).sum())(a)
     g0 = jax.grad(lambda a: solvers.cg((a + a.T) / 2, b, rtol=1e-13).x.sum())(a)
     np.testing.assert_allclose(g1, g0, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_deflated_second_derivatives():
+    a, w, b = spectrum_system(n=12, n_small=2, small=(1e-2, 1e-1))
+
+    def f(a, b):
+        return solvers.cg((a + a.T) / 2, b, rtol=1e-13, deflation=w).x
+
+    check_grads(
+        f, (a, b), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5, eps=1e-6
+    )
 
 
 def test_deflated_unroll_matches_implicit_gradient():
@@ -299,21 +312,6 @@ def test_sequence_derivatives_both_modes():
 
     check_grads(f, (ops.kx, u0), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
 
-    # independent right-hand sides, a greedy order, callable operators
-    bs = jax.random.normal(jax.random.key(0), (3, 16))
-
-    def g(bs):
-        return solvers.solve_sequence(
-            lambda i: jax.tree_util.tree_map(lambda x: x[i], ops),
-            bs,
-            recycle=2,
-            order="greedy",
-            features=jnp.arange(3.0)[:, None],
-            rtol=1e-13,
-        ).x
-
-    check_grads(g, (bs,), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
-
 
 @pytest.mark.slow
 def test_sequence_second_derivatives():
@@ -324,6 +322,19 @@ def test_sequence_second_derivatives():
         return solvers.solve_sequence(ops, bs, recycle=2, order="greedy", rtol=1e-13).x
 
     check_grads(g, (bs,), order=2, modes=("fwd",), atol=1e-6, rtol=1e-6)
+    # independent right-hand sides, a greedy order, callable operators
+
+    def g2(bs):
+        return solvers.solve_sequence(
+            lambda i: jax.tree_util.tree_map(lambda x: x[i], ops),
+            bs,
+            recycle=2,
+            order="greedy",
+            features=jnp.arange(3.0)[:, None],
+            rtol=1e-13,
+        ).x
+
+    check_grads(g2, (bs,), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
     # second order through reverse mode: forward over reverse (jax.hessian) agrees
     # with forward over forward. Reverse over reverse is not available: JAX cannot
     # transpose the while loop of a linear solve's derivative inside lax.scan (the
