@@ -150,6 +150,14 @@ def as_matvec(operator, name: str, what: str) -> Callable[[Array], Array]:
     return lambda x: mm(arr, x)
 
 
+def as_preconditioner(preconditioner, name: str, what: str):
+    """`r -> M^{-1} r` from None (the identity), a matrix, a lineax operator or a
+    callable."""
+    if preconditioner is None:
+        return lambda r: r
+    return as_matvec(preconditioner, name, what)
+
+
 def cg(
     operator: Float[ArrayLike, "n n"] | lx.AbstractLinearOperator | Callable,
     b: Float[ArrayLike, " n"],
@@ -285,11 +293,7 @@ def cg(
                 f"{fn}: operator must have shape ({n}, {n}) to match b; got {shape}."
             )
     matvec = as_matvec(operator, fn, "operator")
-    precond = (
-        (lambda r: r)
-        if preconditioner is None
-        else as_matvec(preconditioner, fn, "preconditioner")
-    )
+    precond = as_preconditioner(preconditioner, fn, "preconditioner")
     x0 = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
     if x0.shape != b.shape:
         raise ValueError(f"{fn}: x0 must have shape {b.shape}; got {x0.shape}.")

@@ -15,7 +15,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxdecomp._misc import mm
 
-from ._cg import as_matvec, check_options, solve
+from ._cg import as_matvec, as_preconditioner, check_options, solve
 from ._solution import RESULTS
 
 
@@ -346,10 +346,10 @@ def solve_sequence(
         x_prev, w = carry
         op = get_op(i)
         matvec = as_matvec(op, fn, "each operator")
-        precond = (
-            (lambda r: r)
-            if preconditioner is None
-            else as_matvec(preconditioner(op), fn, "each preconditioner")
+        precond = as_preconditioner(
+            None if preconditioner is None else preconditioner(op),
+            fn,
+            "each preconditioner",
         )
         b = rhs_arr[i] if rhs_fn is None else rhs_fn(i, x_prev)
         x0 = x_prev if warm_start else jnp.zeros_like(x_prev)
