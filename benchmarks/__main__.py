@@ -27,6 +27,7 @@ BENCHMARKS = {
     "ot_scale": "benchmarks.ot_scale",
     "cg": "benchmarks.cg",
     "recycling": "benchmarks.recycling",
+    "optim": "benchmarks.optim",
     "gpu": "benchmarks.gpu",  # the GPU-only measurements, one prepared run
 }
 

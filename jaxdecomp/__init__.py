@@ -1,7 +1,7 @@
 """jaxdecomp: differentiable matrix functions, low-rank layers and implicit
 differentiation for JAX."""
 
-from . import lowrank as lowrank
+from . import lowrank as lowrank, optim as optim
 from ._implicit import (
     custom_fixed_point as custom_fixed_point,
     custom_root as custom_root,

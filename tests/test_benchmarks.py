@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import _harness, cg, implicit, lowrank, sinkhorn
+from benchmarks import _harness, cg, implicit, lowrank, optim, sinkhorn
 from benchmarks.__main__ import main
 
 
@@ -129,3 +129,23 @@ def test_ot_scale_worker_measures_a_converged_online_solve():
     ott = ot_scale.worker({**cfg, "impl": "ott", "ott_cap": 20, "decay": True})
     assert ott["capped"] and ott["iterations"] == "20"  # capped: not converged
     assert ott["error"] > ot_scale.TOL["float32"]
+
+
+@pytest.mark.slow
+def test_optim_benchmark_runs():
+    tables = optim.run(
+        tasks=("digits_mlp",), steps=50, every=25, roots=False, sweep=False
+    )
+    rows = {row[0]: row for row in tables[0].rows}
+    assert set(rows) == {
+        "adam",
+        "optax.contrib.muon",
+        "optim.muon",
+        "optim.shampoo",
+        "optim.shampoo 4-bit",
+        "optim.soap",
+    }
+    for row in rows.values():
+        assert row[2] < 1.0  # every optimizer trains (initial loss is about 2.3)
+    (memory,) = tables[1].rows
+    assert memory[3] > 1  # 4-bit state is smaller

@@ -36,7 +36,13 @@ def test_page_examples_run(page):
 
 PUBLIC = [
     getattr(module, name)
-    for module in (jaxdecomp, jaxdecomp.lowrank, solvers, solvers.problems)
+    for module in (
+        jaxdecomp,
+        jaxdecomp.lowrank,
+        jaxdecomp.optim,
+        solvers,
+        solvers.problems,
+    )
     for name in dir(module)
     if not name.startswith("_")
     and (

@@ -1,0 +1,72 @@
+"""Helpers shared by the optimizers: the non-finite-gradient guard and Adam moments."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Bool
+
+from ._results import RESULTS
+
+NONFINITE_MESSAGE = (
+    "jaxdecomp.optim: the gradient contains NaN or inf (pass throw=False to skip "
+    "such steps instead of raising)."
+)
+
+
+def finite_guard(updates, throw: bool) -> tuple[object, Bool[Array, ""]]:
+    """(updates, all finite); raises at run time through `eqx.error_if` if not and
+    `throw`."""
+    leaves = jtu.tree_leaves(updates)
+    finite = (
+        jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in leaves]))
+        if leaves
+        else jnp.asarray(True)
+    )
+    if throw and leaves:
+        updates = eqx.error_if(updates, ~finite, NONFINITE_MESSAGE)
+    return updates, finite
+
+
+def keep_if_skipped(finite, new, old):
+    """The new state where the step was taken, the old one where it was skipped."""
+    return jtu.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
+def step_result(finite) -> RESULTS:
+    return RESULTS.where(finite, RESULTS.successful, RESULTS.nonfinite_gradient)
+
+
+def bias_correction(beta: float, count: Array, dtype) -> Array:
+    return (1 - jnp.asarray(beta, dtype) ** count.astype(dtype)).astype(dtype)
+
+
+@jax.custom_jvp
+def _guard(leaves):
+    return leaves
+
+
+@_guard.defjvp
+def _guard_jvp(primals, tangents):
+    raise TypeError(
+        "jaxdecomp.optim: differentiating through an optimizer update (with respect "
+        "to the gradients or the optimizer state) is not supported: the updates use "
+        "truncated iterations, eigendecompositions and refresh schedules whose "
+        "derivatives would be wrong or undefined. Apply jax.lax.stop_gradient to the "
+        "gradients if you mean to treat the update as a constant."
+    )
+
+
+def no_derivative(tree):
+    """`tree` unchanged; differentiating through it raises (at trace time) instead
+    of giving a silently wrong derivative."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    idx = [i for i, x in enumerate(leaves) if eqx.is_inexact_array(x)]
+    if not idx:
+        return tree
+    guarded = _guard([leaves[i] for i in idx])
+    for i, x in zip(idx, guarded):
+        leaves[i] = x
+    return jtu.tree_unflatten(treedef, leaves)
