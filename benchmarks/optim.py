@@ -77,11 +77,11 @@ def _mlp_init(key):
     k = jr.split(key, 3)
     p = {
         "w1": _dense(k[0], 64, 128),
-        "b1": jnp.zeros(128),
+        "b1": jnp.zeros(128, jnp.float32),
         "w2": _dense(k[1], 128, 128),
-        "b2": jnp.zeros(128),
+        "b2": jnp.zeros(128, jnp.float32),
         "w3": _dense(k[2], 128, 10),
-        "b3": jnp.zeros(10),
+        "b3": jnp.zeros(10, jnp.float32),
     }
     dims = {k: None for k in p} | {"w1": DN(), "w2": DN()}
     return p, dims
@@ -97,11 +97,11 @@ def _cnn_init(key):
     k = jr.split(key, 3)
     p = {
         "c1": jr.normal(k[0], (16, 1, 3, 3), jnp.float32) / 3.0,
-        "d1": jnp.zeros((16, 1, 1)),
+        "d1": jnp.zeros((16, 1, 1), jnp.float32),
         "c2": jr.normal(k[1], (32, 16, 3, 3), jnp.float32) / 12.0,
-        "d2": jnp.zeros((32, 1, 1)),
+        "d2": jnp.zeros((32, 1, 1), jnp.float32),
         "w": _dense(k[2], 512, 10),
-        "b": jnp.zeros(10),
+        "b": jnp.zeros(10, jnp.float32),
     }
     conv = DN(reduction_axis=(1, 2, 3), output_axis=0)
     dims = {k: None for k in p} | {"c1": conv, "c2": conv}
@@ -131,7 +131,7 @@ def _lm_init(key):
         "embed": jr.normal(next(keys), (VOCAB, D), jnp.float32) * 0.1,
         "pos": jr.normal(next(keys), (CONTEXT, D), jnp.float32) * 0.1,
         "head": _dense(next(keys), D, VOCAB),
-        "ln_f": jnp.ones(D),
+        "ln_f": jnp.ones(D, jnp.float32),
     }
     dims = {"embed": None, "pos": None, "head": None, "ln_f": None}
     for i in range(LAYERS):
@@ -146,7 +146,7 @@ def _lm_init(key):
             p[f"{name}{i}"] = _dense(next(keys), *shape)
             dims[f"{name}{i}"] = DN()
         for g in ("ln1_", "ln2_"):
-            p[g + str(i)] = jnp.ones(D)
+            p[g + str(i)] = jnp.ones(D, jnp.float32)
             dims[g + str(i)] = None
     return p, dims
 

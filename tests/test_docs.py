@@ -46,7 +46,8 @@ PUBLIC = [
     for name in dir(module)
     if not name.startswith("_")
     and (
-        inspect.isfunction(getattr(module, name))
+        # public functions, also those compiled by eqx.filter_jit (a wrapper object)
+        inspect.isfunction(inspect.unwrap(getattr(module, name)))
         or name
         in (
             *("LowRankLinear", "LoRA", "PointCloud", "Geometry", "Diffusion2D"),

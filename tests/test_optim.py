@@ -6,6 +6,9 @@ float64 (dtypes kept), Equinox models, `optax.chain`, NaN/zero gradients, and th
 error raised when someone differentiates through an update.
 """
 
+import subprocess
+import sys
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -400,6 +403,27 @@ def test_jit_without_recompilation_dtype_and_chain(name):
             assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_bfloat16_parameters(name):
+    # half-precision parameters: matrix functions run in float32, updates come back
+    # in bfloat16, Shampoo/SOAP statistics are float32
+    params = _params(jnp.bfloat16)
+    with _promotion(name):
+        opt = OPTIMIZERS[name]()
+        state = opt.init(params)
+        g = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _grads(jr.key(0), _params()))
+        up, state = jax.jit(opt.update)(g, state, params)
+    assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(up))
+    assert all(
+        np.all(np.isfinite(np.asarray(u, np.float32))) for u in jax.tree.leaves(up)
+    )
+    if name != "muon":
+        f = state[0].factors[0]
+        leaf = f.left if hasattr(f, "left") and not hasattr(f.left, "vals") else None
+        if leaf is not None:
+            assert leaf.dtype == jnp.float32
+
+
 def test_state_dtype_override():
     params = {"w": jnp.ones((6, 4), jnp.float32)}
     opt = optim.shampoo(1e-2, state_dtype=jnp.float64)
@@ -528,3 +552,43 @@ def test_differentiating_through_an_update_raises(name):
             jax.jvp(f, (g,), (g,))
         # the documented way out: treat the update as a constant
         jax.grad(lambda g: f(jax.lax.stop_gradient(g)) + jnp.sum(g["b"]))(g)
+
+
+_DEADLOCK = """
+import jax, jax.numpy as jnp, jax.random as jr
+from jaxdecomp import optim
+
+# four block sizes, four blocks each: independent batched eigh / QR calls per step
+shapes = [(4 * 96, 96), (4 * 64, 64), (4 * 80, 80), (4 * 72, 72)]
+params = {f"w{i}": jnp.zeros(s, jnp.float32) for i, s in enumerate(shapes)}
+for opt in (
+    optim.shampoo(1e-3, block_size=96, precondition_every=1),
+    optim.soap(1e-3, precondition_every=2, block_size=96),
+    optim.shampoo(1e-3, block_size=96, precondition_every=1, quantize="4bit"),
+):
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for i in range(8):
+        g = {
+            k: jr.normal(jr.fold_in(jr.key(i), j), v.shape, v.dtype)
+            for j, (k, v) in enumerate(params.items())
+        }
+        up, state = update(g, state, params)
+        jax.block_until_ready(up)
+print("ok")
+"""
+
+
+def test_refreshes_do_not_deadlock_on_a_small_cpu_thread_pool():
+    # jaxlib's batched CPU LAPACK kernels block a pool thread until their pieces
+    # finish; two running at once on a 2-thread pool (a 2-core machine) hung every
+    # time here before `Sequence` made the calls data-dependent (3 of 3 runs of this
+    # script hung, 3 of 3 finished after). Run in a subprocess so a regression fails
+    # by timeout instead of hanging the suite.
+    run = subprocess.run(
+        [sys.executable, "-c", _DEADLOCK],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]

@@ -70,3 +70,53 @@ def no_derivative(tree):
     for i, x in zip(idx, guarded):
         leaves[i] = x
     return jtu.tree_unflatten(treedef, leaves)
+
+
+def compute_dtype(dtype, override=None):
+    """The dtype optimizer states and matrix functions use for a parameter of
+    `dtype`: `override` if given, else float32 for half-precision parameters
+    (bfloat16, float16: the matrix functions need float32 or float64), else
+    `dtype`."""
+    if override is not None:
+        return jnp.dtype(override)
+    dtype = jnp.dtype(dtype)
+    return dtype if dtype in (jnp.float32, jnp.float64) else jnp.dtype(jnp.float32)
+
+
+class Sequence:
+    """Runs LAPACK-backed calls (eigh, QR, SVD) one after another inside one traced
+    function.
+
+    jaxlib's batched CPU LAPACK kernels split the batch over XLA's intra-op thread
+    pool and block a pool thread until the pieces finish; when XLA's thunk executor
+    runs two such independent calls at once on a small pool (2 threads on a 2-core
+    machine), both pool threads block waiting for work nobody can run and the step
+    hangs forever (seen with Shampoo's per-size root refreshes on a CNN: every thread
+    idle, two `lapack_ssyevd_ffi` frames in `BlockingCounter::Wait`). Making each
+    call's input depend on the previous call's output serializes them: the input
+    gets `+ 0` computed from one entry of that output (`entry > inf`, false for every
+    value, NaN and inf included, so the input is unchanged). A
+    `lax.optimization_barrier` does not do it: XLA's CPU pipeline removes barriers
+    before the thunk executor schedules by buffer dependencies.
+    """
+
+    def __init__(self):
+        self.last = None
+
+    def after_previous(self, x):
+        if self.last is None:
+            return x
+        leaves = [
+            v
+            for v in jax.tree.leaves(self.last)
+            if eqx.is_inexact_array(v) and jnp.size(v)
+        ]
+        if not leaves:
+            return x
+        entry = jnp.ravel(leaves[0])[0]
+        zero = entry > jnp.inf
+        return jax.tree.map(lambda v: v + zero.astype(v.dtype), x)
+
+    def done(self, y):
+        self.last = y
+        return y

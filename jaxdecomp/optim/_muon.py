@@ -15,7 +15,14 @@ from .._misc import mm
 from .._newton_schulz import DESIGN_ELL
 from .._polar import polar
 from .._sign_polynomials import sign_schedule
-from ._misc import finite_guard, keep_if_skipped, no_derivative, step_result
+from ._misc import (
+    Sequence,
+    compute_dtype,
+    finite_guard,
+    keep_if_skipped,
+    no_derivative,
+    step_result,
+)
 from ._results import RESULTS
 
 MuonDimensionNumbers = optax.contrib.MuonDimensionNumbers
@@ -73,11 +80,13 @@ def orthogonalize(
             f"orthogonalize: method must be one of {_METHODS}; got {method!r}."
         )
     g = no_derivative(g)
+    out_dtype = g.dtype
+    g = g.astype(compute_dtype(g.dtype))  # bfloat16/float16: computed in float32
     if method == "svd":
         w, s, vt = jnp.linalg.svd(g, full_matrices=False)
         cut = max(g.shape[-2:]) * jnp.finfo(g.dtype).eps * s[..., :1]
         keep = (s > cut) & (s > 0)
-        return mm(w * keep[..., None, :].astype(g.dtype), vt)
+        return mm(w * keep[..., None, :].astype(g.dtype), vt).astype(out_dtype)
     norm = jnp.sqrt(jnp.sum(g * g, axis=(-2, -1), keepdims=True))
     nonzero = norm > 0
     safe = jnp.where(nonzero, g, jnp.eye(*g.shape[-2:], dtype=g.dtype))
@@ -94,7 +103,7 @@ def orthogonalize(
         throw=False,
         full_output=True,
     )
-    return jnp.where(nonzero, sol.value, 0)
+    return jnp.where(nonzero, sol.value, 0).astype(out_dtype)
 
 
 def _normalize_axes(ndim: int, axes) -> tuple[int, ...]:
@@ -219,7 +228,14 @@ def scale_by_muon(
             u = orthogonalize(view(d), method=method, ns_steps=ns_steps, tol=tol)
             return unview(u * math.sqrt(max(1.0, fan_out / fan_in))).astype(d.dtype)
 
-        new = jtu.tree_map(lambda dim, d: one(d, dim), dims, direction, is_leaf=is_dims)
+        chain = Sequence()  # one LAPACK call at a time for method="svd"
+
+        def one_in_turn(dim, d):
+            if method != "svd":
+                return one(d, dim)
+            return chain.done(one(chain.after_previous(d), dim))
+
+        new = jtu.tree_map(one_in_turn, dims, direction, is_leaf=is_dims)
         # throw=False: a non-finite gradient skips the step (zero update, state kept)
         new = jtu.tree_map(lambda u: jnp.where(finite, u, 0), new)
         mu = keep_if_skipped(finite, mu, state.mu)
@@ -274,7 +290,8 @@ def muon(
       $10^{-3}$ of 1; optax's default (5 fixed-quintic steps) leaves them in about
       $[0.7, 1.2]$. `"newton_schulz"` iterates to `tol`, `"svd"` is exact.
     - `weight_decay`: decoupled weight decay on the Muon parameters.
-    - `mu_dtype`: dtype of the momentum (default: the parameter's).
+    - `mu_dtype`: dtype of the momentum (default: the parameter's). bfloat16 and
+      float16 momenta are orthogonalized in float32 and cast back.
     - `muon_weight_dimension_numbers`: which parameters use Muon and how they are
       viewed as matrices, exactly as `optax.contrib.muon`: `None` (every 2-D
       parameter, the rest Adam), or a pytree (or function of the params) of

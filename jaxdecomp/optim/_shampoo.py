@@ -16,7 +16,9 @@ from .._misc import mm, mT
 from .._solution import RESULTS as ROOT_RESULTS
 from ._blocks import Blocking, from_blocks, plan, to_blocks
 from ._misc import (
+    Sequence,
     bias_correction,
+    compute_dtype,
     finite_guard,
     keep_if_skipped,
     no_derivative,
@@ -86,14 +88,16 @@ def _batched_roots(stats: list[Array], old: list[Array], p: int, epsilon: float)
     sizes = sorted({s.shape[-1] for s in stats})
     out: list[Array | None] = [None] * len(stats)
     failures = jnp.asarray(0, jnp.int32)
+    chain = Sequence()
     for d in sizes:
         idx = [i for i, s in enumerate(stats) if s.shape[-1] == d]
         a = jnp.concatenate([stats[i] for i in idx])
         a = a + _ridge(a, epsilon)[:, None, None] * jnp.eye(d, dtype=a.dtype)
+        a = chain.after_previous(a)
         sol = jax.vmap(
             lambda x: inv_pth_root(x, p, method="eigh", throw=False, full_output=True)
         )(a)
-        roots = sol.value
+        roots = chain.done(sol.value)
         prev = jnp.concatenate([old[i] for i in idx])
         # accuracy-limited codes (`singular`: a tiny eigenvalue not resolved at this
         # precision) keep the root, the best this precision gives; invalid input
@@ -214,7 +218,7 @@ def scale_by_shampoo(
         return [plan(jnp.shape(x), block_size) for x in jtu.tree_leaves(params)]
 
     def dtype_of(x):
-        return jnp.dtype(state_dtype) if state_dtype is not None else x.dtype
+        return compute_dtype(x.dtype, state_dtype)
 
     def init_fn(params):
         leaves = jtu.tree_leaves(params)
@@ -287,6 +291,7 @@ def scale_by_shampoo(
         new_factors: list = list(state.factors)
         roots: list = [None] * len(grads)
         mats = [i for i, b in enumerate(bplans) if b is not None]
+        chain = Sequence()  # one LAPACK call at a time (see Sequence)
         if quantized:
             for i in mats:
                 f, gb, b = state.factors[i], gblocks[i], bplans[i]
@@ -294,23 +299,29 @@ def scale_by_shampoo(
 
                 def update_statistics(args):
                     f, gb = args
-                    left, fl = _quantized_statistic_update(
-                        f.left, mm(gb, mT(gb)), beta2, p, epsilon, refresh
+                    seq = Sequence()
+                    left, fl = seq.done(
+                        _quantized_statistic_update(
+                            f.left, mm(gb, mT(gb)), beta2, p, epsilon, refresh
+                        )
                     )
+                    f, gb = seq.after_previous((f, gb))
                     right, fr = _quantized_statistic_update(
                         f.right, mm(mT(gb), gb), beta2, p, epsilon, refresh
                     )
                     return left, right, fl + fr
 
-                left, right, fails = lax.cond(
-                    statistics_due,
-                    update_statistics,
-                    lambda args: (
-                        args[0].left,
-                        args[0].right,
-                        jnp.asarray(0, jnp.int32),
-                    ),
-                    (f, gb),
+                left, right, fails = chain.done(
+                    lax.cond(
+                        statistics_due,
+                        update_statistics,
+                        lambda args: (
+                            args[0].left,
+                            args[0].right,
+                            jnp.asarray(0, jnp.int32),
+                        ),
+                        chain.after_previous((f, gb)),
+                    )
                 )
                 failures = failures + fails
                 new_factors[i] = QuantizedFactors(left, right)
@@ -462,7 +473,8 @@ def shampoo(
       `precondition_every`). Default 1, and `precondition_every` with
       `quantize="4bit"`.
     - `state_dtype`: dtype of the statistics, roots and moments (default: each
-      parameter's).
+      parameter's, and float32 for bfloat16/float16 parameters, whose updates are
+      cast back to the parameter's dtype).
     - `quantize`: `None` (32-bit factors) or `"4bit"`: each factor is kept as
       eigenvectors in 4 bits (block-wise linear-square quantization, Björck
       rectification after dequantization) and eigenvalues in full precision, both

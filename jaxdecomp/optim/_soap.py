@@ -13,7 +13,9 @@ from jaxtyping import Array
 from .._misc import mm, mT
 from ._blocks import from_blocks, plan, to_blocks
 from ._misc import (
+    Sequence,
     bias_correction,
+    compute_dtype,
     finite_guard,
     keep_if_skipped,
     no_derivative,
@@ -52,6 +54,12 @@ class SoapState(NamedTuple):
 def _sorted_eigh(stat: Array) -> Array:
     _, vecs = jnp.linalg.eigh(stat)
     return vecs[..., ::-1]  # largest first, as SOAP's reference
+
+
+def _both_eigh(a):
+    seq = Sequence()
+    left = seq.done(_sorted_eigh(a[0]))
+    return left, _sorted_eigh(seq.after_previous(a[1]))
 
 
 def _power_qr(stat: Array, q: Array, nu: Array, side: int):
@@ -109,7 +117,7 @@ def scale_by_soap(
     sb = b2 if shampoo_beta is None else shampoo_beta
 
     def dtype_of(x):
-        return jnp.dtype(state_dtype) if state_dtype is not None else x.dtype
+        return compute_dtype(x.dtype, state_dtype)
 
     def init_fn(params):
         leaves = jtu.tree_leaves(params)
@@ -164,6 +172,7 @@ def scale_by_soap(
         refresh = (count % precondition_every == 0) & ~first
         outs, new_mu, new_nu, new_factors = [], [], [], []
         failures = jnp.asarray(0, jnp.int32)
+        chain = Sequence()  # one LAPACK call at a time (see Sequence)
         for g, m, v, f in zip(grads, mu, nu, state.factors):
             g = g.astype(m.dtype)
             m = b1 * m + (1 - b1) * g
@@ -182,11 +191,13 @@ def scale_by_soap(
             # the first step sets the statistics and the basis (eigh) before use
             left0 = jnp.where(first, mm(gb, mT(gb)), f.left)
             right0 = jnp.where(first, mm(mT(gb), gb), f.right)
-            ql, qr = lax.cond(
-                first,
-                lambda a: (_sorted_eigh(a[0]), _sorted_eigh(a[1])),
-                lambda a: (a[2], a[3]),
-                (left0, right0, f.q_left, f.q_right),
+            ql, qr = chain.done(
+                lax.cond(
+                    first,
+                    _both_eigh,
+                    lambda a: (a[2], a[3]),
+                    chain.after_previous((left0, right0, f.q_left, f.q_right)),
+                )
             )
             rot_g = mm(mm(mT(ql), gb), qr)
             rot_m = mm(mm(mT(ql), mb), qr)
@@ -199,7 +210,9 @@ def scale_by_soap(
 
             def do_refresh(a):
                 left, right, ql, qr, vb = a
-                nql, vb2 = _power_qr(left, ql, vb, 0)
+                inner = Sequence()
+                nql, vb2 = inner.done(_power_qr(left, ql, vb, 0))
+                right, qr, vb2 = inner.after_previous((right, qr, vb2))
                 nqr, vb2 = _power_qr(right, qr, vb2, 1)
                 ok = jnp.all(jnp.isfinite(nql), axis=(-2, -1)) & jnp.all(
                     jnp.isfinite(nqr), axis=(-2, -1)
@@ -212,11 +225,13 @@ def scale_by_soap(
                     jnp.sum(~ok).astype(jnp.int32),
                 )
 
-            ql, qr, vb, fails = lax.cond(
-                refresh,
-                do_refresh,
-                lambda a: (a[2], a[3], a[4], jnp.asarray(0, jnp.int32)),
-                (left, right, ql, qr, vb),
+            ql, qr, vb, fails = chain.done(
+                lax.cond(
+                    refresh,
+                    do_refresh,
+                    lambda a: (a[2], a[3], a[4], jnp.asarray(0, jnp.int32)),
+                    chain.after_previous((left, right, ql, qr, vb)),
+                )
             )
             failures = failures + fails
             new_factors.append(SoapFactors(left, right, ql, qr, vb))
@@ -270,7 +285,8 @@ def soap(
     **Arguments:** `learning_rate` (float or schedule); `b1`, `b2` (defaults of the
     paper, 0.95/0.95); `shampoo_beta` (statistics decay, default `b2`); `eps`;
     `weight_decay` (decoupled); `precondition_every` (10); `block_size` (1024);
-    `state_dtype` (default: the parameter's); `throw` (as
+    `state_dtype` (default: the parameter's; float32 for bfloat16/float16);
+    `throw` (as
     [`shampoo`][jaxdecomp.optim.shampoo]).
 
     **Returns:** an `optax.GradientTransformation`, jit-compiled without
