@@ -393,7 +393,8 @@ def _spectrum_matrix(key, m, n, cond, dtype=jnp.float32, batch=()):
 def _eigh_polar(g):
     gram = jnp.swapaxes(g, -1, -2) @ g
     lam, v = jnp.linalg.eigh(gram)
-    inv = (v * jnp.where(lam > 0, lam, 1) ** -0.5) @ jnp.swapaxes(v, -1, -2)
+    scale = jnp.where(lam > 0, lam, 1) ** -0.5
+    inv = (v * scale[..., None, :]) @ jnp.swapaxes(v, -1, -2)
     return g @ inv
 
 
@@ -468,7 +469,9 @@ def root_tables(full: bool):
     )
     gs = jr.normal(jr.key(1), (16, 128, 128), jnp.float32)
     a = gs @ jnp.swapaxes(gs, -1, -2) / 128
-    a = a + 1e-6 * jnp.linalg.norm(a, axis=(-2, -1))[:, None, None] * jnp.eye(128)
+    ridge = 1e-6 * jnp.linalg.norm(a, axis=(-2, -1))[:, None, None]
+    a = a + ridge * jnp.eye(128, dtype=jnp.float32)
+    assert a.dtype == jnp.float32
     a64 = np.asarray(a, np.float64)
 
     def res(x):

@@ -642,3 +642,111 @@ def test_dlrt_singular_core_stays_finite(make):
     layer, losses = _dlrt_steps(layer)
     assert np.all(np.isfinite(np.asarray(layer.weight)))
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+# ------------------------------------------------- matrix-root optimizers (optim)
+
+
+def _optim_grad(case, dtype):
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((12, 8))
+    u, _, vt = np.linalg.svd(g, full_matrices=False)
+    return {
+        "zero": np.zeros((12, 8)),
+        "rank_deficient_rank1": np.outer(
+            rng.standard_normal(12), rng.standard_normal(8)
+        ),
+        "ill_conditioned_1e12": (u * np.logspace(0, -12, 8)) @ vt,
+        "scale_tiny_1e-30": 1e-30 * g,
+        "scale_huge_1e30": 1e30 * g,
+        "nonfinite_nan": np.where(np.arange(96).reshape(12, 8) == 5, np.nan, g),
+        "nonfinite_inf": np.where(np.arange(96).reshape(12, 8) == 5, np.inf, g),
+    }[case].astype(dtype)
+
+
+_OPTIMIZERS = {
+    "muon": lambda throw: jaxdecomp.optim.muon(0.02, throw=throw),
+    "shampoo": lambda throw: jaxdecomp.optim.shampoo(
+        1e-3, block_size=5, precondition_every=1, throw=throw
+    ),
+    "shampoo_4bit": lambda throw: jaxdecomp.optim.shampoo(
+        1e-3, block_size=5, precondition_every=1, quantize="4bit", throw=throw
+    ),
+    "soap": lambda throw: jaxdecomp.optim.soap(
+        1e-3, block_size=5, precondition_every=1, throw=throw
+    ),
+}
+_OPTIM_CASES = [
+    "zero",
+    "rank_deficient_rank1",
+    "ill_conditioned_1e12",
+    "scale_tiny_1e-30",
+    "scale_huge_1e30",
+    "nonfinite_nan",
+    "nonfinite_inf",
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", _OPTIM_CASES)
+@pytest.mark.parametrize("name", sorted(_OPTIMIZERS))
+def test_optim_edge(name, case, dtype):
+    # a (12, 8) weight (blocks of 4-5 rows/columns, uneven), a bias and a scalar;
+    # two steps, the second with a refresh: finite updates in the parameter's dtype,
+    # or, for NaN/inf gradients, an error (throw=True) / a skipped step with the
+    # code (throw=False)
+    params = {
+        "w": jnp.zeros((12, 8), dtype),
+        "b": jnp.zeros((8,), dtype),
+        "s": jnp.zeros((), dtype),
+    }
+    grads = {
+        "w": jnp.asarray(_optim_grad(case, dtype)),
+        "b": jnp.ones((8,), dtype),
+        "s": jnp.ones((), dtype),
+    }
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam inside muon
+        if case.startswith("nonfinite"):
+            opt = _OPTIMIZERS[name](True)
+            state = opt.init(params)
+            with pytest.raises(RUNTIME_ERRORS, match="NaN or inf"):
+                jax.block_until_ready(jax.jit(opt.update)(grads, state, params))
+            opt = _OPTIMIZERS[name](False)
+            update = jax.jit(opt.update)
+            up, state = update(grads, opt.init(params), params)
+            np.testing.assert_array_equal(up["w"], 0)
+            inner = (
+                state.inner_states["muon"].inner_state[0]
+                if name == "muon"
+                else state[0]
+            )
+            assert inner.result == jaxdecomp.optim.RESULTS.nonfinite_gradient
+            return
+        opt = _OPTIMIZERS[name](True)
+        state = opt.init(params)
+        update = jax.jit(opt.update)
+        for _ in range(2):
+            up, state = update(grads, state, params)
+    for leaf in jax.tree.leaves(up):
+        assert leaf.dtype == dtype
+        assert np.all(np.isfinite(np.asarray(leaf))), (name, case)
+    for leaf in jax.tree.leaves(state):
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+            assert np.all(np.isfinite(np.asarray(leaf))), (name, case)
+    if case == "zero":
+        np.testing.assert_array_equal(up["w"], 0)
+
+
+def test_optim_empty_and_1x1_parameters():
+    params = {"e": jnp.zeros((0, 4)), "one": jnp.ones((1, 1)), "w": jnp.ones((3, 2))}
+    grads = {"e": jnp.zeros((0, 4)), "one": jnp.full((1, 1), 2.0), "w": jnp.eye(3, 2)}
+    for opt in (
+        jaxdecomp.optim.muon(0.1),
+        jaxdecomp.optim.shampoo(0.1),
+        jaxdecomp.optim.shampoo(0.1, quantize="4bit"),
+        jaxdecomp.optim.soap(0.1),
+    ):
+        with jax.numpy_dtype_promotion("standard"):
+            up, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+        assert up["e"].shape == (0, 4)
+        assert np.all(np.isfinite(np.asarray(up["one"]))) and float(up["one"][0, 0]) < 0

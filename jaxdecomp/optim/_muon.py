@@ -80,6 +80,8 @@ def orthogonalize(
             f"orthogonalize: method must be one of {_METHODS}; got {method!r}."
         )
     g = no_derivative(g)
+    if g.size == 0:  # an empty parameter has an empty update
+        return g
     out_dtype = g.dtype
     g = g.astype(compute_dtype(g.dtype))  # bfloat16/float16: computed in float32
     if method == "svd":
