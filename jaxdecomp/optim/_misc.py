@@ -30,6 +30,21 @@ def finite_guard(updates, throw: bool) -> tuple[object, Bool[Array, ""]]:
     return updates, finite
 
 
+def begin_step(updates, state, throw: bool):
+    """The start of every optimizer's update: the differentiation guard on the
+    gradients and the state, then the non-finite check. Returns (updates, state,
+    all finite)."""
+    updates, state = no_derivative((updates, state))
+    updates, finite = finite_guard(updates, throw)
+    return updates, state, finite
+
+
+def check_positive_ints(name: str, **values) -> None:
+    for key, v in values.items():
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"{name}: {key} must be a positive int; got {v!r}.")
+
+
 def keep_if_skipped(finite, new, old):
     """The new state where the step was taken, the old one where it was skipped."""
     return jtu.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)

@@ -17,8 +17,8 @@ from .._polar import polar
 from .._sign_polynomials import sign_schedule
 from ._misc import (
     Sequence,
+    begin_step,
     compute_dtype,
-    finite_guard,
     keep_if_skipped,
     no_derivative,
     step_result,
@@ -214,8 +214,7 @@ def scale_by_muon(
         return ScaleByMuonState(jnp.zeros([], jnp.int32), mu, RESULTS.successful)
 
     def update_fn(updates, state, params=None):
-        updates, state = no_derivative((updates, state))
-        updates, finite = finite_guard(updates, throw)
+        updates, state, finite = begin_step(updates, state, throw)
         mu = jtu.tree_map(
             lambda m, g: (beta * m + g).astype(m.dtype), state.mu, updates
         )

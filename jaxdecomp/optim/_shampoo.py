@@ -17,11 +17,11 @@ from .._solution import RESULTS as ROOT_RESULTS
 from ._blocks import Blocking, from_blocks, plan, to_blocks
 from ._misc import (
     Sequence,
+    begin_step,
     bias_correction,
+    check_positive_ints,
     compute_dtype,
-    finite_guard,
     keep_if_skipped,
-    no_derivative,
     step_result,
 )
 from ._quantize import Quantized, dequantize, quantize as quantize_4bit, rectify
@@ -261,8 +261,7 @@ def scale_by_shampoo(
 
     def update_fn(updates, state, params=None):
         del params
-        updates, state = no_derivative((updates, state))
-        updates, finite = finite_guard(updates, throw)
+        updates, state, finite = begin_step(updates, state, throw)
         grads, treedef = jtu.tree_flatten(updates)
         bplans = plans(updates)
         count = state.count + 1
@@ -397,12 +396,9 @@ def scale_by_shampoo(
 
 
 def _check(block_size, precondition_every, exponent_override, grafting, quantize):
-    for name, v in (
-        ("block_size", block_size),
-        ("precondition_every", precondition_every),
-    ):
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            raise ValueError(f"shampoo: {name} must be a positive int; got {v!r}.")
+    check_positive_ints(
+        "shampoo", block_size=block_size, precondition_every=precondition_every
+    )
     if exponent_override is not None and not (
         isinstance(exponent_override, int) and exponent_override >= 1
     ):

@@ -14,11 +14,11 @@ from .._misc import mm, mT
 from ._blocks import from_blocks, plan, to_blocks
 from ._misc import (
     Sequence,
+    begin_step,
     bias_correction,
+    check_positive_ints,
     compute_dtype,
-    finite_guard,
     keep_if_skipped,
-    no_derivative,
     step_result,
 )
 from ._results import RESULTS
@@ -108,12 +108,9 @@ def scale_by_soap(
     state = opt.init({"w": jnp.ones((8, 4))})
     ```
     """
-    for name, v in (
-        ("block_size", block_size),
-        ("precondition_every", precondition_every),
-    ):
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            raise ValueError(f"soap: {name} must be a positive int; got {v!r}.")
+    check_positive_ints(
+        "soap", block_size=block_size, precondition_every=precondition_every
+    )
     sb = b2 if shampoo_beta is None else shampoo_beta
 
     def dtype_of(x):
@@ -163,8 +160,7 @@ def scale_by_soap(
 
     def update_fn(updates, state, params=None):
         del params
-        updates, state = no_derivative((updates, state))
-        updates, finite = finite_guard(updates, throw)
+        updates, state, finite = begin_step(updates, state, throw)
         grads, treedef = jtu.tree_flatten(updates)
         mu, nu = jtu.tree_leaves(state.mu), jtu.tree_leaves(state.nu)
         count = state.count + 1
