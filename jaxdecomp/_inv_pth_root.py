@@ -68,7 +68,6 @@ def _eigh_inv_root_jvp(primals, tangents, *, p: int):
     return out, (dz, None, None, None)
 
 
-@eqx.filter_jit
 def inv_pth_root(
     a: Float[Array, "*batch n n"],
     p: int,

@@ -101,7 +101,6 @@ def lyapunov_linear_solve(
     )
 
 
-@eqx.filter_jit
 def solve_lyapunov(
     s: Float[Array, "*batch n n"],
     g: Float[Array, "*batch n n"],

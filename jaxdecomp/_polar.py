@@ -57,7 +57,6 @@ def _polar_tall_jvp(primals, tangents, *, cfg: _Config):
     return out, (du, None, None, None)
 
 
-@eqx.filter_jit
 def polar(
     a: Float[Array, "*batch m n"],
     *,

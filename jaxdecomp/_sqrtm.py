@@ -521,10 +521,3 @@ sqrtm_and_inv_sqrtm.__doc__ = rf"""Both $A^{{1/2}}$ and $A^{{-1/2}}$ of a symmet
     assert jnp.allclose(x @ y, jnp.eye(2), atol=1e-5)
     ```
     """
-
-# Compiled as a whole (eager calls compile once per signature instead of once per
-# call for every loop inside; errors surface through Equinox's filter_jit); wrapped
-# after the docstrings are set, which a filter_jit wrapper no longer accepts.
-sqrtm = eqx.filter_jit(sqrtm)
-inv_sqrtm = eqx.filter_jit(inv_sqrtm)
-sqrtm_and_inv_sqrtm = eqx.filter_jit(sqrtm_and_inv_sqrtm)

@@ -158,7 +158,6 @@ def as_preconditioner(preconditioner, name: str, what: str):
     return as_matvec(preconditioner, name, what)
 
 
-@eqx.filter_jit
 def cg(
     operator: Float[ArrayLike, "n n"] | lx.AbstractLinearOperator | Callable,
     b: Float[ArrayLike, " n"],

@@ -33,7 +33,6 @@ class SinkhornDivergence(eqx.Module):
     converged: Bool[Array, ""]
 
 
-@eqx.filter_jit
 def sinkhorn_divergence(
     x: Float[ArrayLike, "n d"],
     y: Float[ArrayLike, "m d"],

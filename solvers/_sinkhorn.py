@@ -74,7 +74,6 @@ def _sinkhorn_loop(
     return f, g, (steps, jnp.array(0), error, jnp.array(False))
 
 
-@eqx.filter_jit
 def sinkhorn(
     geom: AbstractGeometry | Float[ArrayLike, "n m"],
     a: Float[ArrayLike, " n"] | None = None,

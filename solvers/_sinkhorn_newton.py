@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -283,7 +282,6 @@ def _newton_loop(
     return f, g, (steps, n_newton, error, since >= _STALL_STEPS)
 
 
-@eqx.filter_jit
 def sinkhorn_newton(
     geom: AbstractGeometry | Float[ArrayLike, "n m"],
     a: Float[ArrayLike, " n"] | None = None,

@@ -316,8 +316,9 @@ def test_shampoo_root_failure_keeps_the_last_root():
     g = _grads(jr.key(0), params)
     _, state = jax.jit(opt.update)(g, state, params)
     good = state.factors[0]
-    # a statistic that became non-finite (e.g. overflow): the refresh is discarded
-    poisoned = good._replace(left=good.left.at[0, 0, 0].set(jnp.inf))
+    # a statistic that is not positive semidefinite (finite: a non-finite one is an
+    # overflow, which skips the whole step): the refresh is discarded
+    poisoned = good._replace(left=good.left - 10.0 * jnp.eye(6))
     state = state._replace(factors=(poisoned,))
     up, new = jax.jit(opt.update)(g, state, params)
     assert int(new.root_failures) == 1

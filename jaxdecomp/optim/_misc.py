@@ -45,13 +45,44 @@ def check_positive_ints(name: str, **values) -> None:
             raise ValueError(f"{name}: {key} must be a positive int; got {v!r}.")
 
 
+OVERFLOW_MESSAGE = (
+    "jaxdecomp.optim: the gradient is finite but the optimizer's statistics or update "
+    "overflowed (squares of very large entries); scale the loss down, keep the state "
+    "in float64 (state_dtype=jnp.float64), or pass throw=False to skip such steps."
+)
+
+
+def _all_finite(tree) -> Bool[Array, ""]:
+    leaves = [x for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def finish_step(finite, updates, new_state, old_state, throw: bool):
+    """The end of every optimizer's update: a step whose gradient was finite but
+    whose new statistics or update are not (overflow) raises with `throw`, else it
+    is skipped like a non-finite gradient. Sets `result` in the state; a skipped
+    step returns zero updates and the old state (with the new `result`)."""
+    overflow = finite & ~(_all_finite(updates) & _all_finite(new_state))
+    if throw:
+        updates = eqx.error_if(updates, overflow, OVERFLOW_MESSAGE)
+    ok = finite & ~overflow
+    result = RESULTS.where(
+        finite,
+        RESULTS.where(overflow, RESULTS.overflow, RESULTS.successful),
+        RESULTS.nonfinite_gradient,
+    )
+    new_state = keep_if_skipped(
+        ok, new_state._replace(result=result), old_state._replace(result=result)
+    )
+    updates = jtu.tree_map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+    return updates, new_state
+
+
 def keep_if_skipped(finite, new, old):
     """The new state where the step was taken, the old one where it was skipped."""
     return jtu.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-
-
-def step_result(finite) -> RESULTS:
-    return RESULTS.where(finite, RESULTS.successful, RESULTS.nonfinite_gradient)
 
 
 def bias_correction(beta: float, count: Array, dtype) -> Array:

@@ -19,9 +19,8 @@ from ._misc import (
     Sequence,
     begin_step,
     compute_dtype,
-    keep_if_skipped,
+    finish_step,
     no_derivative,
-    step_result,
 )
 from ._results import RESULTS
 
@@ -227,6 +226,8 @@ def scale_by_muon(
         def one(d, dim):
             view, unview, fan_in, fan_out = _matrix_view(d, dim)
             u = orthogonalize(view(d), method=method, ns_steps=ns_steps, tol=tol)
+            if d.size == 0:  # an empty parameter: an empty update
+                return jnp.zeros_like(d)
             return unview(u * math.sqrt(max(1.0, fan_out / fan_in))).astype(d.dtype)
 
         chain = Sequence()  # one LAPACK call at a time for method="svd"
@@ -237,12 +238,9 @@ def scale_by_muon(
             return chain.done(one(chain.after_previous(d), dim))
 
         new = jtu.tree_map(one_in_turn, dims, direction, is_leaf=is_dims)
-        # throw=False: a non-finite gradient skips the step (zero update, state kept)
-        new = jtu.tree_map(lambda u: jnp.where(finite, u, 0), new)
-        mu = keep_if_skipped(finite, mu, state.mu)
-        result = step_result(finite)
-        count = state.count + finite.astype(jnp.int32)
-        return new, ScaleByMuonState(count, mu, result)
+        # throw=False: a non-finite gradient (or an overflow) skips the step
+        new_state = ScaleByMuonState(state.count + 1, mu, state.result)
+        return finish_step(finite, new, new_state, state, throw)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -14,6 +14,12 @@ class RESULTS(eqx.Enumeration):
         "The gradient contains NaN or inf. With throw=False the step was skipped: the "
         "update is zero and the optimizer state is unchanged."
     )
+    overflow = (
+        "The gradient is finite but the optimizer's statistics or update overflowed "
+        "(e.g. squares of entries near 1e30 in float32). With throw=False the step was "
+        "skipped: the update is zero and the optimizer state is unchanged. Scale the "
+        "loss down or keep the state in float64 (state_dtype)."
+    )
     root_failed = (
         "A preconditioner refresh gave a non-finite root (or eigenbasis); the last "
         "good one was kept (the identity before the first success)."

@@ -21,8 +21,7 @@ from ._misc import (
     bias_correction,
     check_positive_ints,
     compute_dtype,
-    keep_if_skipped,
-    step_result,
+    finish_step,
 )
 from ._quantize import Quantized, dequantize, quantize as quantize_4bit, rectify
 from ._results import RESULTS
@@ -384,13 +383,12 @@ def scale_by_shampoo(
             jtu.tree_unflatten(treedef, new_mu),
             jtu.tree_unflatten(treedef, new_nu),
             tuple(new_factors),
-            step_result(finite),
+            state.result,
             state.root_failures + failures,
         )
-        kept = state._replace(result=new_state.result)
-        new_state = keep_if_skipped(finite, new_state, kept)
-        out = [jnp.where(finite, u, 0) for u in out]
-        return jtu.tree_unflatten(treedef, out), new_state
+        return finish_step(
+            finite, jtu.tree_unflatten(treedef, out), new_state, state, throw
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -18,8 +18,7 @@ from ._misc import (
     bias_correction,
     check_positive_ints,
     compute_dtype,
-    keep_if_skipped,
-    step_result,
+    finish_step,
 )
 from ._results import RESULTS
 
@@ -231,19 +230,18 @@ def scale_by_soap(
             )
             failures = failures + fails
             new_factors.append(SoapFactors(left, right, ql, qr, vb))
-        outs = [jnp.where(finite, o, 0).astype(g.dtype) for o, g in zip(outs, grads)]
+        outs = [o.astype(g.dtype) for o, g in zip(outs, grads)]
         new_state = SoapState(
             count,
             jtu.tree_unflatten(treedef, new_mu),
             jtu.tree_unflatten(treedef, new_nu),
             tuple(new_factors),
-            step_result(finite),
+            state.result,
             state.basis_failures + failures,
         )
-        new_state = keep_if_skipped(
-            finite, new_state, state._replace(result=new_state.result)
+        return finish_step(
+            finite, jtu.tree_unflatten(treedef, outs), new_state, state, throw
         )
-        return jtu.tree_unflatten(treedef, outs), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
