@@ -299,7 +299,8 @@ def muon(
     - `throw`: a gradient with NaN or inf raises at run time (`eqx.error_if`,
       message from [`jaxdecomp.optim.RESULTS`][]); with `throw=False` the Muon
       step is skipped (zero update, momentum kept) and `result` in the state says
-      `nonfinite_gradient`. (The Adam part follows optax: NaN propagates.)
+      `nonfinite_gradient` (`overflow` if the momentum or the update overflow).
+      (The Adam part follows optax: NaN propagates.)
 
     **Returns:** an `optax.GradientTransformation` (a `optax.partition` of a Muon
     chain and AdamW): works on any pytree (Equinox models via

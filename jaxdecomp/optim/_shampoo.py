@@ -484,7 +484,9 @@ def shampoo(
       dequantizing and rectifying the root (4 matmuls per factor).
     - `throw`: NaN/inf in the gradient raises at run time (`eqx.error_if`); with
       `throw=False` the step is skipped (zero update, state unchanged, `result`
-      says `nonfinite_gradient`).
+      says `nonfinite_gradient`); a finite gradient whose statistics or update overflow
+      (entries near 1e30 in float32) is treated the same way with the code
+      `overflow`.
 
     **Returns:** an `optax.GradientTransformation` over any pytree of floating
     arrays; jit-compiled without recompilation across steps (the refresh is traced

@@ -286,7 +286,8 @@ def soap(
     **Returns:** an `optax.GradientTransformation`, jit-compiled without
     recompilation across steps.
 
-    **Failure modes:** NaN/inf gradients raise with `throw=True` or skip the step;
+    **Failure modes:** NaN/inf gradients, and finite gradients whose statistics
+    overflow (code `overflow`), raise with `throw=True` or skip the step;
     a refresh that comes out non-finite keeps the previous basis and increments
     `basis_failures`. Zero gradients: zero update (the basis stays the identity).
 
