@@ -46,8 +46,7 @@ PUBLIC = [
     for name in dir(module)
     if not name.startswith("_")
     and (
-        # public functions, also those compiled by eqx.filter_jit (a wrapper object)
-        inspect.isfunction(inspect.unwrap(getattr(module, name)))
+        inspect.isfunction(getattr(module, name))
         or name
         in (
             *("LowRankLinear", "LoRA", "PointCloud", "Geometry", "Diffusion2D"),

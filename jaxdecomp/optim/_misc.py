@@ -19,13 +19,8 @@ NONFINITE_MESSAGE = (
 def finite_guard(updates, throw: bool) -> tuple[object, Bool[Array, ""]]:
     """(updates, all finite); raises at run time through `eqx.error_if` if not and
     `throw`."""
-    leaves = jtu.tree_leaves(updates)
-    finite = (
-        jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in leaves]))
-        if leaves
-        else jnp.asarray(True)
-    )
-    if throw and leaves:
+    finite = _all_finite(updates)
+    if throw and jtu.tree_leaves(updates):
         updates = eqx.error_if(updates, ~finite, NONFINITE_MESSAGE)
     return updates, finite
 
