@@ -5,6 +5,8 @@ from . import lowrank as lowrank, optim as optim
 from ._implicit import (
     custom_fixed_point as custom_fixed_point,
     custom_root as custom_root,
+    root_jvp as root_jvp,
+    root_vjp as root_vjp,
 )
 from ._inv_pth_root import inv_pth_root as inv_pth_root
 from ._lyapunov import solve_lyapunov as solve_lyapunov

@@ -8,7 +8,9 @@ producing a wrong derivative.
 
 from __future__ import annotations
 
+import dataclasses
 import functools as ft
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -77,17 +79,87 @@ class _Config(eqx.Module):
     atol: float | None
     on_failure: str
     name: str
+    # per call: the solver's bound arguments -> those of the optimality function
+    bind: Any = None
 
 
 def _is_none(x):
     return x is None
 
 
-def _call_or_value(f, sol, inputs):
+def _call_or_value(f, sol, inputs, bind):
     if f is None or not callable(f) or isinstance(f, lx.AbstractLinearOperator):
         return f
-    args, kwargs = inputs
+    args, kwargs = bind(inputs)
     return f(sol, *args, **kwargs)
+
+
+def _signature(f):
+    """`inspect.signature(f)` (following `__wrapped__`, e.g. through `jax.jit` or
+    `functools.wraps`), or None where Python cannot tell (some builtins)."""
+    if isinstance(f, inspect.Signature):
+        return f
+    f = getattr(f, "subfun", f)  # JAXopt's CompositeLinearFunction
+    try:
+        return inspect.signature(f)
+    except (TypeError, ValueError):
+        return None
+
+
+def _bind_solver(signature, name, init_params, args, kwargs):
+    """The JAXopt convention: the solver's arguments are bound to its signature
+    (keywords resolved to positions where they can be, defaults filled in).
+    Returns `(args, kwargs)` after `init_params`, and the number of trailing
+    positional arguments and the keyword names that came from defaults."""
+    if signature is None:
+        return (args, kwargs), (0, frozenset())
+    try:
+        bound = signature.bind(init_params, *args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{name}: the arguments do not match its signature: {e}") from None
+    n_args, keys = len(bound.args), set(bound.kwargs)
+    bound.apply_defaults()
+    defaulted = (len(bound.args) - n_args, frozenset(set(bound.kwargs) - keys))
+    return (tuple(bound.args[1:]), dict(bound.kwargs)), defaulted
+
+
+def _optimality_binder(signature, name, fun_name, inputs, defaulted):
+    """A function `inputs -> (args, kwargs)` that passes the solver's bound
+    arguments on to the optimality function: keywords resolved against `signature`
+    (the reference signature: by default that of the optimality or fixed-point
+    function), with the solver's defaults included (as JAXopt does) or, where the
+    optimality function does not take them, left out. Raises a TypeError naming
+    both functions when neither binds."""
+
+    def binder(drop):
+        def bind(inputs):
+            args, kwargs = inputs
+            n_drop, keys = drop
+            args = args[: len(args) - n_drop]
+            kwargs = {k: v for k, v in kwargs.items() if k not in keys}
+            if signature is None:
+                return args, kwargs
+            bound = signature.bind(None, *args, **kwargs)
+            return tuple(bound.args[1:]), dict(bound.kwargs)
+
+        return bind
+
+    error = None
+    for drop in ((0, frozenset()), defaulted):
+        bind = binder(drop)
+        try:
+            bind(inputs)
+        except TypeError as e:
+            error = error or e
+            continue
+        return bind
+    raise TypeError(
+        f"{name}: its arguments cannot be passed on to {fun_name} with signature "
+        f"{signature}: {error}. The solver and {fun_name} must take the same "
+        "arguments after the first; where a catch-all signature (`*args`, "
+        "`**kwargs`) makes that ambiguous, pass `reference_signature=` (a function "
+        "or `inspect.Signature` with named parameters)."
+    )
 
 
 def _linear_solver(cfg: _Config, size: int, dtype) -> lx.AbstractLinearSolver:
@@ -125,10 +197,10 @@ def _tangent_system(cfg: _Config, opt_fn, sol, inputs, dtype):
         )
         operator = lx.TaggedLinearOperator(operator, tags)
     options = {}
-    preconditioner = _call_or_value(cfg.preconditioner, sol, inputs)
+    preconditioner = _call_or_value(cfg.preconditioner, sol, inputs, cfg.bind)
     if preconditioner is not None:
         options["preconditioner"] = preconditioner
-    y0 = _call_or_value(cfg.tangent_init, sol, inputs)
+    y0 = _call_or_value(cfg.tangent_init, sol, inputs, cfg.bind)
     if y0 is not None:
         options["y0"] = y0
     solver = _linear_solver(cfg, tree_size(sol), dtype)
@@ -247,6 +319,7 @@ def custom_root(
     optimality_fun: Callable[..., PyTree],
     has_aux: bool = False,
     solve: lx.AbstractLinearSolver | Callable | None = None,
+    reference_signature: Callable | inspect.Signature | None = None,
     *,
     symmetric: bool = False,
     ridge: float = 0.0,
@@ -281,6 +354,15 @@ def custom_root(
         return x_star
     ```
 
+    Arguments are passed on as JAXopt passes them: bound to the solver's
+    signature (keywords resolved to positions, the solver's defaults filled in),
+    then to `optimality_fun`'s (or `reference_signature`'s). So
+    `solver(x0, theta=t)` works with an optimality function `F(x, *args)`, and
+    a default of the solver reaches `F` too; where `F` does not take the
+    solver's optional arguments (say `maxiter=`), they are left out. Arguments
+    that cannot be matched raise a `TypeError` at trace time naming both
+    signatures.
+
     **Arguments:**
 
     - `optimality_fun`: `F(x, *args, **kwargs)`, returning a pytree with the same
@@ -293,6 +375,10 @@ def custom_root(
         materialised Jacobian for at most `DENSE_MAX_SIZE` (256) unknowns, else
         `lx.CG` if `symmetric=True`, else `lx.GMRES`; iterative tolerances
         `eps ** (2/3)` of the solution's dtype.
+    - `reference_signature`: a function (or `inspect.Signature`) whose signature
+        says how the solver's arguments map onto `optimality_fun`'s, for when a
+        catch-all `*args`/`**kwargs` makes that ambiguous (JAXopt's argument of
+        the same name). Default: `optimality_fun`'s own signature.
     - `symmetric`: declare that $\partial_x F$ is symmetric positive semidefinite
         (true for `F = grad(objective)` at a minimum, or for a fixed point of a gradient
         step). Unchecked; it selects CG and tags the operator.
@@ -397,6 +483,15 @@ def custom_root(
             on_failure=on_failure,
             name=getattr(solver, "__name__", "solver"),
         )
+        solver_signature = _signature(solver)
+        reference = optimality_fun if reference_signature is None else (
+            reference_signature
+        )
+        ref_signature = _signature(reference)
+        fun_name = "the optimality function " + (
+            "" if isinstance(reference, inspect.Signature)
+            else f"`{getattr(reference, '__name__', type(reference).__name__)}`"
+        )
 
         def _solve(init, inputs):
             args, kwargs = inputs
@@ -410,19 +505,31 @@ def custom_root(
                 return out
             return out, None
 
-        def _optimality(x, inputs):
-            args, kwargs = inputs
-            return optimality_fun(x, *args, **kwargs)
-
         @ft.wraps(solver)
         def wrapped(init_params, *args, **kwargs):
             init_params = stop_gradient_arrays(init_params)
+            # JAXopt's convention: arguments bound to the solver's signature (so a
+            # keyword argument reaches an optimality function `F(x, *args)` by
+            # position), then to the optimality function's (or the reference)
+            # signature.
+            inputs, defaulted = _bind_solver(
+                solver_signature, cfg.name, init_params, args, kwargs
+            )
+            bind = _optimality_binder(
+                ref_signature, cfg.name, fun_name, inputs, defaulted
+            )
+            call_cfg = dataclasses.replace(cfg, bind=bind)
             # A traced argument can reach the JVP rule as a bare Python scalar (e.g.
             # under `jacfwd` of a float argument); `asarray` makes the rule see exactly
             # the arrays the closure conversions below were traced with.
             inputs = jtu.tree_map(
-                lambda x: jnp.asarray(x) if eqx.is_array(x) else x, (args, kwargs)
+                lambda x: jnp.asarray(x) if eqx.is_array(x) else x, inputs
             )
+
+            def _optimality(x, inputs):
+                args, kwargs = bind(inputs)
+                return optimality_fun(x, *args, **kwargs)
+
             solve_fn = eqx.filter_closure_convert(_solve, init_params, inputs)
             sol_struct, _ = eqx.filter_eval_shape(solve_fn, init_params, inputs)
             inexact_leaves_dtype(sol_struct, f"The output of {cfg.name}")
@@ -434,7 +541,9 @@ def custom_root(
                     f"and shapes of the solution x.\n  solution: "
                     f"{describe(sol_struct)}\n  optimality_fun: {describe(res_struct)}"
                 )
-            sol, aux = _implicit_solve(solve_fn, opt_fn, inputs, init_params, cfg=cfg)
+            sol, aux = _implicit_solve(
+                solve_fn, opt_fn, inputs, init_params, cfg=call_cfg
+            )
             return (sol, aux) if has_aux else sol
 
         return wrapped
@@ -446,6 +555,7 @@ def custom_fixed_point(
     fixed_point_fun: Callable[..., PyTree],
     has_aux: bool = False,
     solve: lx.AbstractLinearSolver | Callable | None = None,
+    reference_signature: Callable | inspect.Signature | None = None,
     **options,
 ):
     r"""Decorator that adds implicit differentiation to a fixed-point solver.
@@ -459,7 +569,8 @@ def custom_fixed_point(
     **Arguments:**
 
     - `fixed_point_fun`: `T(x, *args, **kwargs)`, returning a pytree like `x`.
-    - `has_aux`, `solve`, `**options`: as for [`jaxdecomp.custom_root`][] (`symmetric`,
+    - `has_aux`, `solve`, `reference_signature` (default: `fixed_point_fun`'s),
+        `**options`: as for [`jaxdecomp.custom_root`][] (`symmetric`,
         `ridge`, `preconditioner`, `tangent_init`, `rtol`, `atol`, `on_failure`).
 
     **Returns:** a decorator for `solver(init_params, *args, **kwargs)`.
@@ -496,4 +607,128 @@ def custom_fixed_point(
             )
         return jtu.tree_map(jnp.subtract, x, tx)
 
-    return custom_root(optimality_fun, has_aux, solve, **options)
+    reference = fixed_point_fun if reference_signature is None else reference_signature
+    return custom_root(optimality_fun, has_aux, solve, reference, **options)
+
+
+def _root_operator(optimality_fun, sol, args, symmetric):
+    tags = (
+        frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
+        if symmetric
+        else frozenset()
+    )
+    return lx.JacobianLinearOperator(
+        lambda x, _: optimality_fun(x, *args), sol, tags=tags, jac="fwd"
+    )
+
+
+def _check_root_args(fn, optimality_fun, sol, args):
+    if not callable(optimality_fun):
+        raise TypeError(f"{fn}: optimality_fun must be callable; got {type(optimality_fun)}.")
+    if not isinstance(args, tuple):
+        raise TypeError(f"{fn}: args must be a tuple of arguments; got {type(args)}.")
+    dtype = inexact_leaves_dtype(sol, f"{fn}: sol")
+    res = jax.eval_shape(lambda x: optimality_fun(x, *args), sol)
+    if not same_structure(res, sol):
+        raise ValueError(
+            f"{fn}: optimality_fun(sol, *args) must return a pytree with the structure "
+            f"and shapes of sol.\n  sol: {describe(sol)}\n  optimality_fun: "
+            f"{describe(res)}"
+        )
+    return dtype
+
+
+def _root_solver(solve, symmetric, sol, dtype):
+    cfg = _Config(
+        solve=solve, symmetric=symmetric, ridge=0.0, preconditioner=None,
+        tangent_init=None, rtol=None, atol=None, on_failure="raise", name="",
+    )
+    return _linear_solver(cfg, tree_size(sol), dtype)
+
+
+def root_jvp(
+    optimality_fun: Callable[..., PyTree],
+    sol: PyTree,
+    args: tuple,
+    tangents: tuple,
+    solve: lx.AbstractLinearSolver | Callable | None = None,
+    *,
+    symmetric: bool = False,
+) -> PyTree:
+    r"""Jacobian-vector product of a root, as `jaxopt.implicit_diff.root_jvp`.
+
+    For $F(x^*, \theta) = 0$ with $\theta$ = `args`, returns
+    $\dot x = -(\partial_x F)^{-1} \partial_\theta F\,\dot\theta$ at `sol`: one
+    linear solve with the Jacobian of `optimality_fun` in its first argument.
+
+    **Arguments:**
+
+    - `optimality_fun`: `F(x, *args)`, returning a pytree like `x`.
+    - `sol`: the root $x^*$ (a pytree of floating arrays).
+    - `args`: a tuple, the arguments after `x`.
+    - `tangents`: a tuple like `args` (a tangent for every argument; zeros for
+        those not differentiated).
+    - `solve`: as for [`jaxdecomp.custom_root`][]: `None` (automatic: dense LU
+        up to 256 unknowns, else CG if `symmetric` else GMRES, tolerance
+        `eps ** (2/3)`), a lineax solver, or a JAXopt-style `solve(matvec, b)`.
+        (JAXopt's default is CG on the normal equations.)
+    - `symmetric`: declare $\partial_x F$ symmetric positive semidefinite.
+
+    **Returns:** a pytree like `sol`.
+
+    **Failure modes:** shape mismatches raise at trace time; a failed linear solve
+    (singular Jacobian, no convergence) raises through lineax (`eqx.error_if`).
+    `sol` is taken as given: unlike `custom_root`, nothing checks that it is a
+    root.
+
+    **Derivatives:** differentiable in every argument (lineax's linear solve),
+    forward and reverse mode.
+    """
+    if not (isinstance(tangents, tuple) and len(tangents) == len(args)):
+        raise ValueError("root_jvp: args and tangents must be tuples of the same length.")
+    dtype = _check_root_args("root_jvp", optimality_fun, sol, args)
+    _, rhs = jax.jvp(lambda *a: optimality_fun(sol, *a), args, tangents)
+    operator = _root_operator(optimality_fun, sol, args, symmetric)
+    solver = _root_solver(solve, symmetric, sol, dtype)
+    neg = jtu.tree_map(jnp.negative, rhs)
+    return lx.linear_solve(operator, neg, solver).value
+
+
+def root_vjp(
+    optimality_fun: Callable[..., PyTree],
+    sol: PyTree,
+    args: tuple,
+    cotangent: PyTree,
+    solve: lx.AbstractLinearSolver | Callable | None = None,
+    *,
+    symmetric: bool = False,
+) -> tuple:
+    r"""Vector-Jacobian product of a root, as `jaxopt.implicit_diff.root_vjp`.
+
+    For $F(x^*, \theta) = 0$ with $\theta$ = `args` and a cotangent $v$ like
+    $x^*$, solves $(\partial_x F)^T u = -v$ and returns
+    $(\partial_\theta F)^T u$, one entry per element of `args`.
+
+    **Arguments:** `optimality_fun`, `sol`, `args`, `solve`, `symmetric` as for
+    [`jaxdecomp.root_jvp`][]; `cotangent`: a pytree like `sol`. A JAXopt-style
+    `solve(matvec, b)` receives the transposed matvec $u \mapsto (\partial_x
+    F)^T u$.
+
+    **Returns:** a tuple like `args` of cotangents.
+
+    **Failure modes** and **derivatives:** as for [`jaxdecomp.root_jvp`][].
+    """
+    dtype = _check_root_args("root_vjp", optimality_fun, sol, args)
+    if not same_structure(
+        jax.eval_shape(lambda c: c, cotangent), jax.eval_shape(lambda x: x, sol)
+    ):
+        raise ValueError(
+            "root_vjp: cotangent must have the structure and shapes of sol.\n  sol: "
+            f"{describe(sol)}\n  cotangent: {describe(cotangent)}"
+        )
+    operator = _root_operator(optimality_fun, sol, args, symmetric)
+    solver = _root_solver(solve, symmetric, sol, dtype)
+    neg = jtu.tree_map(jnp.negative, cotangent)
+    u = lx.linear_solve(operator.T, neg, solver).value
+    _, vjp = jax.vjp(lambda *a: optimality_fun(sol, *a), *args)
+    return vjp(u)

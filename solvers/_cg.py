@@ -203,7 +203,15 @@ def cg(
     - `rtol`: relative tolerance (default $\\sqrt{\\text{eps}}$ of the dtype); `atol`:
         absolute tolerance (default 0).
     - `max_steps`: iteration limit (default $10 n$; static: it sizes the residual
-        history buffer).
+        history buffer). **Fixed-step mode** (lineax's convention): with
+        `rtol=0, atol=0` (Python zeros) and `max_steps=k`, exactly $k$ steps are
+        run (fewer only on an exactly zero residual) and the iterate is returned
+        with result `successful`: a fixed-cost approximate solve, e.g. inside a
+        training loop. Breakdown and non-finite values are still reported. Its
+        `"implicit"` derivative solves the tangent systems with $k$ steps as
+        well (an approximate $A^{-1}$, as lineax does), which is not the exact
+        derivative of the truncated iterate; `differentiation="unroll"` gives
+        that. `rtol = atol = 0` without `max_steps` is a `ValueError`.
     - `flexible`: flexible CG, FCG(`memory`).
     - `memory`: directions kept for A-orthogonalisation in flexible CG (default 5;
         static; costs `2 memory` vectors of storage and `memory` dot products and
@@ -343,6 +351,14 @@ def check_options(
 ):
     """Defaults and checks of the options `cg` and `solve_sequence` share: returns
     the CG loop's options and the recording window (0 without recycling)."""
+    # lineax's convention: rtol = atol = 0 with max_steps = k runs k steps and
+    # returns the iterate (a fixed-cost approximate solve)
+    fixed_steps = _is_zero(rtol) and _is_zero(atol)
+    if fixed_steps and max_steps is None:
+        raise ValueError(
+            f"{fn}: rtol = atol = 0 runs a fixed number of steps and needs "
+            "max_steps (lineax's convention); give max_steps, or a tolerance."
+        )
     rtol = default_tol(dtype, 0.5) if rtol is None else rtol
     max_steps = 10 * n if max_steps is None else max_steps
     if not (isinstance(max_steps, int) and max_steps > 0):
@@ -357,9 +373,18 @@ def check_options(
             f"{fn}: window must be a positive int (with recycle); got {window}."
         )
     opts = dict(
-        rtol=rtol, atol=atol, max_steps=max_steps, flexible=flexible, memory=memory
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        flexible=flexible,
+        memory=memory,
+        fixed_steps=fixed_steps,
     )
     return opts, window if recycle else 0
+
+
+def _is_zero(tol) -> bool:
+    return isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol == 0
 
 
 def solve(

@@ -39,6 +39,7 @@ def cg_loop(
     memory=1,
     deflation=None,
     window=0,
+    fixed_steps=False,
 ):
     """The (flexible) preconditioned CG iteration behind `solvers.cg` and the OT
     solvers' inner solves. Returns `x, (steps, residual_norms, converged, ||r||),
@@ -61,7 +62,11 @@ def cg_loop(
     `window > 0` records the first `window` directions for recycling and returns
     `recorded = (Z, AZ, M^{-1} A Z)`: rows of the deflation basis and of the
     directions (zero rows when the solve stops earlier); the third is None for
-    flexible CG. Otherwise `recorded = None`."""
+    flexible CG. Otherwise `recorded = None`.
+
+    `fixed_steps` (lineax's convention for `rtol = atol = 0`): exactly `max_steps`
+    steps (fewer only on an exactly zero residual), reported as converged unless
+    the iteration broke down or went non-finite."""
     tol = jnp.maximum(rtol * jnp.linalg.norm(lax.stop_gradient(b)), atol)
     r0 = b - matvec(x0)
     if deflation is not None:
@@ -174,11 +179,15 @@ def cg_loop(
         )
     else:
         out = lax.while_loop(cond, body, init)
-    x, coarse, r, _, _, _, _, record, norms, k, _ = out
+    x, coarse, r, _, _, _, _, record, norms, k, stop = out
     if deflation is not None:
         x = x + mm(coarse, deflation[0])
     # the stop flag also fires on breakdown; convergence is judged on the residual
-    info = (k, norms, jnp.linalg.norm(r) <= tol, jnp.linalg.norm(r))
+    rnorm = jnp.linalg.norm(r)
+    converged = rnorm <= tol
+    if fixed_steps:
+        converged = converged | (~stop & (k == max_steps) & jnp.isfinite(rnorm))
+    info = (k, norms, converged, rnorm)
     if not window:
         return x, info, None
     return x, info, _recycling_basis(record, k, window, deflation, precond)

@@ -269,3 +269,45 @@ def test_preconditioner_parameters_are_constants_for_implicit_derivatives():
 
     g = jax.jit(jax.grad(loss), static_argnums=1)
     np.testing.assert_allclose(g(op.kx, True), g(op.kx, False), rtol=1e-8, atol=1e-12)
+
+
+def test_fixed_step_convention_of_lineax():
+    """lineax's `CG(rtol=0, atol=0, max_steps=k)` runs k steps and returns the
+    iterate; `solvers.cg` does the same (lineax's own case: a fixed-cost
+    approximate solve), and reports breakdown and missing max_steps."""
+    a, b = spd_system(n=40)
+    for k in (1, 5, 12):
+        ours = solvers.cg(a, b, rtol=0, atol=0, max_steps=k)
+        op = lx.MatrixLinearOperator(a, lx.positive_semidefinite_tag)
+        theirs = lx.linear_solve(op, b, lx.CG(rtol=0, atol=0, max_steps=k))
+        assert int(ours.n_steps) == k and bool(ours.converged)
+        assert ours.result == solvers.RESULTS.successful
+        np.testing.assert_allclose(ours.x, theirs.value, rtol=1e-10, atol=1e-12)
+        # with a preconditioner: k steps of PCG
+        jac = jnp.diag(1 / jnp.diag(a))
+        pre = solvers.cg(a, b, rtol=0, atol=0, max_steps=k, preconditioner=jac)
+        theirs = lx.linear_solve(
+            op,
+            b,
+            lx.CG(rtol=0, atol=0, max_steps=k),
+            options={"preconditioner": lx.MatrixLinearOperator(
+                jac, lx.positive_semidefinite_tag
+            )},
+        )
+        np.testing.assert_allclose(pre.x, theirs.value, rtol=1e-10, atol=1e-12)
+    # the fixed-step solve is differentiable (tangents by k-step solves, as lineax)
+    fixed = lambda b: solvers.cg(a, b, rtol=0, atol=0, max_steps=60).x  # noqa: E731
+    check_grads(fixed, (b,), order=1, modes=("fwd", "rev"))
+    np.testing.assert_allclose(jax.jit(fixed)(b), fixed(b))
+    x32 = solvers.cg(a.astype(jnp.float32), b.astype(jnp.float32), rtol=0, atol=0,
+                     max_steps=5).x
+    assert x32.dtype == jnp.float32
+    # an exactly solved 1x1 system stops early and is successful
+    one = solvers.cg(jnp.eye(1) * 2.0, jnp.ones(1), rtol=0, atol=0, max_steps=4)
+    assert int(one.n_steps) == 1 and bool(one.converged)
+    with pytest.raises(ValueError, match="max_steps"):
+        solvers.cg(a, b, rtol=0, atol=0)
+    # breakdown is still reported: an indefinite operator
+    indefinite = a - 2 * jnp.linalg.eigvalsh(a)[-1] * jnp.eye(40)
+    bad = solvers.cg(indefinite, b, rtol=0, atol=0, max_steps=10, throw=False)
+    assert bad.result == solvers.RESULTS.not_spd

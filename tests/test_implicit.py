@@ -566,3 +566,166 @@ def test_matches_jaxopt(getkey):
         jax.jacrev(theirs, argnums=(1, 2))(w0, lam, X, y),
         rtol=1e-6,
     )
+
+
+# JAXopt's own cases (tests/implicit_diff_test.py): solver called with keyword
+# arguments, has_aux, root_vjp / root_jvp; the Jacobian reference is the closed form.
+
+
+def _jaxopt_ridge_solver(init_params, lam, X, y):
+    del init_params
+    return ridge_closed(lam, X, y)
+
+
+def test_jaxopt_convention_keyword_arguments(getkey):
+    X, y = ridge_data(getkey())
+    lam = jnp.asarray(0.7)
+    jac = jax.jacfwd(ridge_closed)(lam, X, y)
+    solver = jaxdecomp.custom_root(ridge_grad)(_jaxopt_ridge_solver)
+    assert_tree_allclose(solver(None, lam=lam, X=X, y=y), ridge_closed(lam, X, y))
+    assert_tree_allclose(
+        jax.jacrev(solver, argnums=1)(None, lam, X=X, y=y), jac, rtol=1e-10
+    )
+    assert_tree_allclose(
+        jax.jacfwd(lambda t: solver(None, X=X, y=y, lam=t))(lam), jac, rtol=1e-10
+    )
+
+    def with_aux(init_params, lam, X, y):
+        return _jaxopt_ridge_solver(init_params, lam, X, y), None
+
+    aux_solver = jaxdecomp.custom_root(ridge_grad, has_aux=True)(with_aux)
+    J, _ = jax.jacrev(aux_solver, argnums=1)(None, lam, X=X, y=y)
+    assert_tree_allclose(J, jac, rtol=1e-10)
+
+
+def test_jaxopt_convention_catch_all_fixed_point_function(getkey):
+    # `lambda x, *args` worked under JAXopt with keyword calls: the solver's
+    # signature resolves the keywords to positions.
+    X, y = ridge_data(getkey())
+    lam = jnp.asarray(0.7)
+    step = 1 / (jnp.linalg.norm(X, ord=2) ** 2 + lam)
+    T = lambda w, *args: w - step * ridge_grad(w, *args)  # noqa: E731
+    solver = jaxdecomp.custom_fixed_point(T)(_jaxopt_ridge_solver)
+    jac = jax.jacfwd(ridge_closed)(lam, X, y)
+    for f in (jax.jacfwd, jax.jacrev):
+        got = f(lambda t: solver(None, y=y, lam=t, X=X))(lam)
+        assert_tree_allclose(got, jac, rtol=1e-9)
+
+
+def test_jaxopt_convention_defaults_and_reference_signature(getkey):
+    X, y = ridge_data(getkey())
+    lam = jnp.asarray(0.7)
+    jac = jax.jacfwd(ridge_closed)(lam, X, y)
+
+    # the solver's default reaches F when F takes it ...
+    def F_scaled(w, lam, X, y, scale):
+        return scale * ridge_grad(w, lam, X, y)
+
+    @jaxdecomp.custom_root(F_scaled)
+    def with_default(w0, lam, X, y, scale=3.0):
+        return ridge_closed(lam, X, y)
+
+    # ... and is left out when F does not take it (a solver option)
+    @jaxdecomp.custom_root(ridge_grad)
+    def with_option(w0, lam, X, y, maxiter=100):
+        return ridge_closed(lam, X, y)
+
+    # keyword-only solver arguments and a catch-all F: ambiguous without a
+    # reference signature, a clear TypeError at trace time ...
+    def kw_only(w0, *, lam, X, y):
+        return ridge_closed(lam, X, y)
+
+    def F_any(w, *args):
+        return ridge_grad(w, *args)
+
+    with pytest.raises(TypeError, match="reference_signature"):
+        jaxdecomp.custom_root(F_any)(kw_only)(None, lam=lam, X=X, y=y)
+    # ... resolved by one
+    resolved = jaxdecomp.custom_root(
+        F_any, reference_signature=lambda w, lam, X, y: None
+    )(kw_only)
+    for solver in (with_default, with_option):
+        assert_tree_allclose(jax.jacrev(solver, argnums=1)(None, lam, X, y), jac)
+    assert_tree_allclose(
+        jax.jacfwd(lambda t: resolved(None, lam=t, X=X, y=y))(lam), jac, rtol=1e-10
+    )
+    with pytest.raises(TypeError, match="with_option.*unexpected keyword"):
+        with_option(None, lam, X, y, tol=1e-3)
+
+
+def test_root_jvp_and_root_vjp_match_closed_form(getkey):
+    X, y = ridge_data(getkey())
+    lam = 0.7
+    sol = ridge_closed(lam, X, y)
+    args = (lam, X, y)
+    jac = jax.jacfwd(ridge_closed)(lam, X, y)
+    tangents = (1.0, jnp.zeros_like(X), jnp.zeros_like(y))
+    for solve in (None, lx.CG(rtol=1e-12, atol=1e-12), _NaiveCG()):
+        kwargs = dict(symmetric=True) if solve is not None else {}
+        got = jaxdecomp.root_jvp(ridge_grad, sol, args, tangents, solve, **kwargs)
+        assert_tree_allclose(got, jac, rtol=1e-9)
+        rows = jax.vmap(
+            lambda g, solve=solve, kwargs=kwargs: jaxdecomp.root_vjp(
+                ridge_grad, sol, args, g, solve, **kwargs
+            )[0]
+        )(jnp.eye(sol.shape[0]))
+        assert_tree_allclose(rows, jac, rtol=1e-9)
+    # every argument: the full Jacobian in X agrees with the closed form's
+    jac_x = jax.jacfwd(ridge_closed, argnums=1)(lam, X, y)
+    cots = jaxdecomp.root_vjp(ridge_grad, sol, args, jnp.ones_like(sol))
+    assert_tree_allclose(cots[1], jnp.einsum("i,ijk->jk", jnp.ones_like(sol), jac_x))
+    assert cots[0].shape == () and cots[2].shape == y.shape
+
+
+def test_root_jvp_and_root_vjp_derivatives_and_jit(getkey):
+    X, y = ridge_data(getkey(), n=8, d=3)
+    lam = jnp.asarray(0.7)
+    g = jr.normal(getkey(), (3,), X.dtype)
+
+    def jvp_of(lam, X, y):
+        s = ridge_closed(lam, X, y)
+        return jaxdecomp.root_jvp(
+            ridge_grad,
+            s,
+            (lam, X, y),
+            (jnp.ones_like(lam), jnp.zeros_like(X), jnp.zeros_like(y)),
+        )
+
+    def vjp_of(lam, X, y):
+        s = ridge_closed(lam, X, y)
+        return jaxdecomp.root_vjp(ridge_grad, s, (lam, X, y), g.astype(X.dtype))[0]
+
+    # jit: each eager call would compile lineax's solve anew (a new closure)
+    check_grads(jax.jit(jvp_of), (lam, X, y), order=2, modes=("fwd", "rev"))
+    check_grads(jax.jit(vjp_of), (lam, X, y), order=2, modes=("fwd", "rev"))
+    assert_tree_allclose(jax.jit(jvp_of)(lam, X, y), jvp_of(lam, X, y))
+    assert_tree_allclose(jax.jit(vjp_of)(lam, X, y), vjp_of(lam, X, y))
+    args32 = jax.tree.map(lambda a: a.astype(jnp.float32), (lam, X, y))
+    assert jvp_of(*args32).dtype == jnp.float32
+    assert vjp_of(*args32).dtype == jnp.float32
+    # vmap over problems agrees with a loop
+    lams = jnp.array([0.3, 0.7, 2.0])
+    assert_tree_allclose(
+        jax.vmap(lambda t: jvp_of(t, X, y))(lams),
+        jnp.stack([jvp_of(t, X, y) for t in lams]),
+    )
+
+
+def test_root_jvp_and_root_vjp_bad_input(getkey):
+    X, y = ridge_data(getkey())
+    sol = ridge_closed(0.7, X, y)
+    with pytest.raises(ValueError, match="same length"):
+        jaxdecomp.root_jvp(ridge_grad, sol, (0.7, X, y), (1.0,))
+    with pytest.raises(ValueError, match="structure and shapes"):
+        jaxdecomp.root_vjp(
+            lambda w, *a: ridge_grad(w, *a)[:-1], sol, (0.7, X, y), sol[:-1]
+        )
+    with pytest.raises(ValueError, match="cotangent"):
+        jaxdecomp.root_vjp(ridge_grad, sol, (0.7, X, y), sol[:-1])
+    with pytest.raises(TypeError, match="tuple"):
+        jaxdecomp.root_vjp(ridge_grad, sol, [0.7, X, y], sol)
+    # a singular Jacobian is an error, not inf/NaN
+    with pytest.raises(Exception, match="singular|non-finite"):
+        jaxdecomp.root_jvp(
+            lambda w, lam: lam * jnp.zeros_like(w) + 0 * w, sol, (1.0,), (1.0,)
+        )
