@@ -116,7 +116,9 @@ def _bind_solver(signature, name, init_params, args, kwargs):
     try:
         bound = signature.bind(init_params, *args, **kwargs)
     except TypeError as e:
-        raise TypeError(f"{name}: the arguments do not match its signature: {e}") from None
+        raise TypeError(
+            f"{name}: the arguments do not match its signature: {e}"
+        ) from None
     n_args, keys = len(bound.args), set(bound.kwargs)
     bound.apply_defaults()
     defaulted = (len(bound.args) - n_args, frozenset(set(bound.kwargs) - keys))
@@ -484,12 +486,13 @@ def custom_root(
             name=getattr(solver, "__name__", "solver"),
         )
         solver_signature = _signature(solver)
-        reference = optimality_fun if reference_signature is None else (
-            reference_signature
+        reference = (
+            optimality_fun if reference_signature is None else (reference_signature)
         )
         ref_signature = _signature(reference)
         fun_name = "the optimality function " + (
-            "" if isinstance(reference, inspect.Signature)
+            ""
+            if isinstance(reference, inspect.Signature)
             else f"`{getattr(reference, '__name__', type(reference).__name__)}`"
         )
 
@@ -624,7 +627,9 @@ def _root_operator(optimality_fun, sol, args, symmetric):
 
 def _check_root_args(fn, optimality_fun, sol, args):
     if not callable(optimality_fun):
-        raise TypeError(f"{fn}: optimality_fun must be callable; got {type(optimality_fun)}.")
+        raise TypeError(
+            f"{fn}: optimality_fun must be callable; got {type(optimality_fun)}."
+        )
     if not isinstance(args, tuple):
         raise TypeError(f"{fn}: args must be a tuple of arguments; got {type(args)}.")
     dtype = inexact_leaves_dtype(sol, f"{fn}: sol")
@@ -640,8 +645,15 @@ def _check_root_args(fn, optimality_fun, sol, args):
 
 def _root_solver(solve, symmetric, sol, dtype):
     cfg = _Config(
-        solve=solve, symmetric=symmetric, ridge=0.0, preconditioner=None,
-        tangent_init=None, rtol=None, atol=None, on_failure="raise", name="",
+        solve=solve,
+        symmetric=symmetric,
+        ridge=0.0,
+        preconditioner=None,
+        tangent_init=None,
+        rtol=None,
+        atol=None,
+        on_failure="raise",
+        name="",
     )
     return _linear_solver(cfg, tree_size(sol), dtype)
 
@@ -685,7 +697,9 @@ def root_jvp(
     forward and reverse mode.
     """
     if not (isinstance(tangents, tuple) and len(tangents) == len(args)):
-        raise ValueError("root_jvp: args and tangents must be tuples of the same length.")
+        raise ValueError(
+            "root_jvp: args and tangents must be tuples of the same length."
+        )
     dtype = _check_root_args("root_jvp", optimality_fun, sol, args)
     _, rhs = jax.jvp(lambda *a: optimality_fun(sol, *a), args, tangents)
     operator = _root_operator(optimality_fun, sol, args, symmetric)

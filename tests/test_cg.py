@@ -290,17 +290,20 @@ def test_fixed_step_convention_of_lineax():
             op,
             b,
             lx.CG(rtol=0, atol=0, max_steps=k),
-            options={"preconditioner": lx.MatrixLinearOperator(
-                jac, lx.positive_semidefinite_tag
-            )},
+            options={
+                "preconditioner": lx.MatrixLinearOperator(
+                    jac, lx.positive_semidefinite_tag
+                )
+            },
         )
         np.testing.assert_allclose(pre.x, theirs.value, rtol=1e-10, atol=1e-12)
     # the fixed-step solve is differentiable (tangents by k-step solves, as lineax)
     fixed = lambda b: solvers.cg(a, b, rtol=0, atol=0, max_steps=60).x  # noqa: E731
     check_grads(fixed, (b,), order=1, modes=("fwd", "rev"))
     np.testing.assert_allclose(jax.jit(fixed)(b), fixed(b))
-    x32 = solvers.cg(a.astype(jnp.float32), b.astype(jnp.float32), rtol=0, atol=0,
-                     max_steps=5).x
+    x32 = solvers.cg(
+        a.astype(jnp.float32), b.astype(jnp.float32), rtol=0, atol=0, max_steps=5
+    ).x
     assert x32.dtype == jnp.float32
     # an exactly solved 1x1 system stops early and is successful
     one = solvers.cg(jnp.eye(1) * 2.0, jnp.ones(1), rtol=0, atol=0, max_steps=4)
