@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import pathlib
 import platform
 import statistics
 import time
@@ -127,9 +128,17 @@ class Table:
         return dataclasses.asdict(self)
 
 
-def save_figure(path, draw: Callable[[Any], None]) -> None:
-    """Call `draw(ax)` on a fresh log-log figure and save it to `path` (the docs'
-    plots); prints a one-line skip message without matplotlib."""
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS_IMG = ROOT / "docs" / "img"
+# Where plots go: `--out` (default benchmarks/out/, git-ignored); the tracked docs
+# images are rewritten only with `--update-docs`.
+OUTPUT = {"dir": ROOT / "benchmarks" / "out", "update_docs": False}
+
+
+def save_figure(name: str, draw: Callable[[Any], None]) -> None:
+    """Call `draw(ax)` on a fresh log-log figure and save it as `name` in the output
+    folder (and in docs/img with `--update-docs`); prints a one-line skip message
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -143,8 +152,10 @@ def save_figure(path, draw: Callable[[Any], None]) -> None:
     ax.set_yscale("log")
     draw(ax)
     ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    dirs = [pathlib.Path(OUTPUT["dir"])] + ([DOCS_IMG] if OUTPUT["update_docs"] else [])
+    for folder in dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+        fig.savefig(folder / name, dpi=110)
+        print(f"  (plot written to {folder / name})")
     plt.close(fig)
-    print(f"  (plot written to {path})")

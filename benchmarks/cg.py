@@ -12,7 +12,6 @@ and applied unchanged to larger grids and to a higher-contrast family.
 
 from __future__ import annotations
 
-import pathlib
 import time
 
 import jax
@@ -27,7 +26,6 @@ from ._harness import Table, optional_import, save_figure, time_fn
 
 VARIANCE = 1.5  # log-coefficient variance of the training family
 HELD_OUT = 1000  # seeds >= this are never used for training
-PLOT_DIR = pathlib.Path(__file__).resolve().parent.parent / "docs" / "img"
 # the rows the generalisation table needs (absent when `run(methods=...)` omits them)
 _GEN_METHODS = (
     "Jacobi",
@@ -423,6 +421,6 @@ def run(
             ax.set_ylabel("relative residual")
             ax.set_title(f"residual histories, {sizes[-1]} x {sizes[-1]}")
 
-        save_figure(PLOT_DIR / "cg_iterations.png", draw_iterations)
-        save_figure(PLOT_DIR / "cg_residuals.png", draw_histories)
+        save_figure("cg_iterations.png", draw_iterations)
+        save_figure("cg_residuals.png", draw_histories)
     return [main] + ([gen] if gen.rows else []) + ([three_d] if sizes_3d else [])

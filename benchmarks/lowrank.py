@@ -4,15 +4,13 @@ MLP 64-256-256-10 (ReLU), cross-entropy, minibatches of 128, several seeds, in t
 format of DLRT's LeNet table. Rows: dense + Adam; factorized (A B^T, fixed rank) +
 Adam; DLRT (`jaxdecomp.lowrank.dlrt`, rank-adaptive, SGD or Adam, several tau) for the
 two hidden layers with Adam on the output layer; TRP; post-hoc `compress` of the
-trained dense model (truncated SVD, global budget, no fine-tuning). Plots (docs/img):
-accuracy against parameters, and DLRT's rank history. Parameters are counted as exported
-(rank r layer: r (in + out) + bias). Then LoRA fine-tuning: pretrain on digits 0-4,
-adapt to 5-9, LoRA (rank 4) vs full fine-tuning.
+trained dense model (truncated SVD, global budget, no fine-tuning). Plots (to the
+output folder): accuracy against parameters, and DLRT's rank history. Parameters are
+counted as exported (rank r layer: r (in + out) + bias). Then LoRA fine-tuning:
+pretrain on digits 0-4, adapt to 5-9, LoRA (rank 4) vs full fine-tuning.
 """
 
 from __future__ import annotations
-
-import pathlib
 
 import equinox as eqx
 import jax
@@ -370,11 +368,10 @@ def _run(seeds, epochs, taus_sgd, taus_adam, plots, trp_settings, taus_seq):
     return [table, _lora_table(seeds, epochs)]
 
 
-PLOT_DIR = pathlib.Path(__file__).resolve().parent.parent / "docs" / "img"
 
 
 def _plot_accuracy(summary, n_dense):
-    """Test accuracy against parameters, one marker per method (docs/img)."""
+    """Test accuracy against parameters, one marker per method (output folder)."""
 
     def draw(ax):
         ax.set_yscale("linear")
@@ -396,7 +393,7 @@ def _plot_accuracy(summary, n_dense):
             "digits MLP: accuracy against parameters (dotted: 90% compression)"
         )
 
-    save_figure(PLOT_DIR / "lowrank_accuracy.png", draw)
+    save_figure("lowrank_accuracy.png", draw)
 
 
 def _plot_rank_history(histories):
@@ -421,7 +418,7 @@ def _plot_rank_history(histories):
         ax.set_ylabel("active rank (solid: layer 1, dashed: layer 2)")
         ax.set_title("DLRT rank history (hidden layers; max_rank 32)")
 
-    save_figure(PLOT_DIR / "lowrank_rank_history.png", draw)
+    save_figure("lowrank_rank_history.png", draw)
 
 
 def _lora_table(seeds, epochs):

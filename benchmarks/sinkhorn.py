@@ -13,7 +13,6 @@ a CPU (n = 10000 runs there take hours for the plain anchors).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -232,14 +231,11 @@ def run(
     return tables
 
 
-PLOT_PATH = (
-    Path(__file__).resolve().parents[1] / "docs" / "img" / "sinkhorn_convergence.png"
-)
 
 
 def convergence_curves(ott_variants, n=1000, eps=1e-3):
     """Marginal error against time (float64), by re-running each solver with a
-    growing step budget; writes docs/img/sinkhorn_convergence.png."""
+    growing step budget; writes sinkhorn_convergence.png to the output folder."""
     x, y = _points(n, "float64", seed=1)
     geom = solvers.PointCloud(x, y)
     budgets = [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
@@ -334,4 +330,4 @@ def _plot(curves, n, eps):
         ax.set_ylabel("L1 marginal error")
         ax.set_title(f"n={n}, epsilon={eps:g}, float64, {jax.devices()[0].platform}")
 
-    save_figure(PLOT_PATH, draw)
+    save_figure("sinkhorn_convergence.png", draw)

@@ -261,13 +261,10 @@ def timing_table(full, cands, configs=None, plot=True, kappa=1e3):
     return timing
 
 
-PLOT_PATH = (
-    Path(__file__).resolve().parents[1] / "docs" / "img" / "sqrtm_accuracy_time.png"
-)
 
 
 def _plot(timing: Table):
-    """Accuracy against time, one marker per method and size (docs/img)."""
+    """Accuracy against time, one marker per method and size (output folder)."""
     methods = sorted({row[1] for row in timing.rows})
     sizes = sorted({row[0] for row in timing.rows}, key=lambda s: int(s.split()[-1]))
     markers = "os^vDP*X"
@@ -286,4 +283,4 @@ def _plot(timing: Table):
         ax.set_ylabel("relative error of A^1/2 (float32)")
         ax.set_title(f"sqrtm, {jax.devices()[0].platform}, sizes {', '.join(sizes)}")
 
-    save_figure(PLOT_PATH, draw)
+    save_figure("sqrtm_accuracy_time.png", draw)

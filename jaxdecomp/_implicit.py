@@ -695,6 +695,21 @@ def root_jvp(
 
     **Derivatives:** differentiable in every argument (lineax's linear solve),
     forward and reverse mode.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import jaxdecomp
+
+    def F(x, theta):  # root x* = theta ** (1/3)
+        return x**3 - theta
+
+    theta = jnp.array([8.0, 27.0])
+    x_star = jnp.cbrt(theta)
+    dx = jaxdecomp.root_jvp(F, x_star, (theta,), (jnp.ones(2),))
+    print(dx)  # 1 / (3 x*^2) = [1/12, 1/27]
+    ```
     """
     if not (isinstance(tangents, tuple) and len(tangents) == len(args)):
         raise ValueError(
@@ -731,6 +746,21 @@ def root_vjp(
     **Returns:** a tuple like `args` of cotangents.
 
     **Failure modes** and **derivatives:** as for [`jaxdecomp.root_jvp`][].
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import jaxdecomp
+
+    def F(x, theta):  # root x* = theta ** (1/3)
+        return x**3 - theta
+
+    theta = jnp.array([8.0, 27.0])
+    x_star = jnp.cbrt(theta)
+    (d_theta,) = jaxdecomp.root_vjp(F, x_star, (theta,), jnp.ones(2))
+    print(d_theta)  # gradient of sum(x*) = [1/12, 1/27]
+    ```
     """
     dtype = _check_root_args("root_vjp", optimality_fun, sol, args)
     if not same_structure(

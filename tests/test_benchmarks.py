@@ -149,3 +149,47 @@ def test_optim_benchmark_runs():
         assert row[2] < 1.0  # every optimizer trains (initial loss is about 2.3)
     (memory,) = tables[1].rows
     assert memory[3] > 1  # 4-bit state is smaller
+
+
+def test_headline_runner_writes_to_out_not_docs(tmp_path, monkeypatch):
+    """`python -m benchmarks` with no names is the headline run: a summary row per
+    capability (here two stand-ins and one that fails), the compile table (one
+    entry), tables written to --out, and docs/img left alone."""
+    from benchmarks import headline
+
+    def fast():
+        return [
+            headline._row(
+                "demo",
+                "tiny",
+                ("ours", 1.0, 1e-9),
+                [("slow anchor", 4.0, 1e-9), ("fast but wrong", 0.5, 1.0)],
+                1e-6,
+            )
+        ]
+
+    def broken():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(
+        headline, "CAPABILITIES", {"demo": (1, fast), "broken": (1, broken)}
+    )
+    entries = headline._entry_points()
+    monkeypatch.setattr(headline, "_entry_points", lambda: entries[2:3])
+    monkeypatch.setattr(_harness, "OUTPUT", dict(_harness.OUTPUT))
+    docs_img = sorted(p.stat().st_mtime for p in _harness.DOCS_IMG.glob("*.png"))
+    assert main(["--out", str(tmp_path), "--no-progress"]) == 0
+    report = (tmp_path / "headline.md").read_text()
+    # the fast anchor misses the accuracy bar: the best anchor is the slow one
+    assert (
+        "| demo | tiny | ours | 1 | 1.00e-09 | slow anchor | 4 | 1.00e-09 | 0.25 |"
+        in (report)
+    )
+    assert "FAILED: RuntimeError: boom" in report
+    assert "jaxdecomp.polar" in report and "First call" in report
+    assert docs_img == sorted(
+        p.stat().st_mtime for p in _harness.DOCS_IMG.glob("*.png")
+    )
+    # the best-anchor rule without any anchor meeting the bar: the most accurate
+    assert headline._best([("a", 1.0, 1e-2), ("b", 2.0, 1e-3)], 1e-6)[0] == "b"
+    assert headline._best([], 1e-6) is None
