@@ -671,3 +671,80 @@ def test_dlrt_sequential_recovers_rank(getkey):
     assert float(loss) < 1e-6
     eye = jnp.eye(12, dtype=jnp.float32)
     assert float(jnp.abs(layer.u.T @ layer.u - eye).max()) <= 1e-6
+
+
+def test_compress_budget_relative_allocation_does_not_starve_a_small_layer(getkey):
+    """A 10-output layer with small weights: the absolute allocation (raw sigma^2)
+    gives it rank 1 (the digits-MLP failure of the first-ten-minutes issue), the
+    default relative one keeps what its outputs need."""
+    mlp = eqx.nn.MLP(64, 10, width_size=128, depth=2, key=getkey())
+    mlp = eqx.tree_at(lambda m: m.layers[-1].weight, mlp, 0.05 * mlp.layers[-1].weight)
+    budget = 12 * (64 + 128) + 12 * 256 + 10 * 138
+
+    def ranks(model):
+        return [layer["rank"] for layer in compression_report(model)["layers"]]
+
+    absolute = ranks(compress(mlp, budget=budget, allocation="absolute"))
+    relative = ranks(compress(mlp, budget=budget))
+    assert absolute[-1] == 1
+    assert relative[-1] >= 8
+    for r in (absolute, relative):
+        spent = r[0] * (64 + 128) + r[1] * 256 + r[2] * 138
+        assert spent <= budget
+    with pytest.raises(ValueError, match="allocation"):
+        compress(mlp, budget=budget, allocation="energy")
+
+
+def _output_error(layer, small, x):
+    return float(jnp.linalg.norm(jax.vmap(layer)(x) - jax.vmap(small)(x)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_compress_data_aware_is_the_whitened_truncation(getkey, dtype):
+    """compress(..., data=X) keeps the rank-r weight with the smallest output error
+    on X: the truncated SVD of W C^{1/2} mapped back (checked against NumPy), with
+    orthonormal factors; its output error is below weight-SVD's."""
+    n_in, n_out, r = 12, 9, 3
+    layer = eqx.nn.Linear(n_in, n_out, dtype=dtype, key=getkey())
+    # correlated, anisotropic inputs, one feature constant (a singular C)
+    mix = jr.normal(getkey(), (n_in, n_in), dtype) * jnp.logspace(
+        0, -2, n_in, dtype=dtype
+    )
+    x = (jr.normal(getkey(), (500, n_in), dtype) @ mix).at[:, 0].set(0.0)
+    small = compress(layer, rank=r, data=x)
+    assert small.u.dtype == dtype
+    xn = np.asarray(x, np.float64)
+    c = xn.T @ xn / len(xn) + 1e-8 * np.trace(xn.T @ xn / len(xn)) / n_in * np.eye(n_in)
+    lam, q = np.linalg.eigh(c)
+    s_half = (q * np.sqrt(lam)) @ q.T
+    u, sv, vt = np.linalg.svd(np.asarray(layer.weight, np.float64) @ s_half)
+    w_ref = (u[:, :r] * sv[:r]) @ vt[:r] @ np.linalg.inv(s_half)
+    w_got = np.asarray(small.u @ small.s @ small.v.T, np.float64)
+    tol = 1e-9 if dtype == jnp.float64 else 2e-5
+    # compare outputs on the data (W' is unique there; the null direction is not)
+    np.testing.assert_allclose(
+        xn @ w_got.T, xn @ w_ref.T, atol=tol * np.abs(xn @ w_ref.T).max()
+    )
+    for f in (small.u, small.v):
+        np.testing.assert_allclose(f.T @ f, np.eye(r), atol=10 * tol)
+    plain = compress(layer, rank=r)
+    assert _output_error(layer, small, x) < 0.9 * _output_error(layer, plain, x)
+
+
+def test_compress_data_aware_model_budget_and_bad_data(getkey):
+    mlp = eqx.nn.MLP(16, 4, width_size=32, depth=2, key=getkey())
+    x = jr.normal(getkey(), (200, 16))
+    small = compress(mlp, budget=600, data=x)
+    report = compression_report(small)
+    assert sum(layer["macs"] for layer in report["layers"]) <= 600
+    # a custom `apply`, and the same answer as the default vmap
+    same = compress(mlp, budget=600, data=x, apply=lambda m, d: jax.vmap(m)(d))
+    np.testing.assert_allclose(
+        jax.vmap(small)(x), jax.vmap(same)(x), rtol=1e-6, atol=1e-8
+    )
+    with pytest.raises(ValueError, match="not finite"):
+        compress(mlp, budget=600, data=x.at[3, 2].set(jnp.nan))
+    with pytest.raises(ValueError, match="never calls|not called"):
+        compress(mlp, budget=600, data=x, apply=lambda m, d: d)
+    with pytest.raises(ValueError, match="needs `data`"):
+        compress(mlp, budget=600, apply=lambda m, d: d)
