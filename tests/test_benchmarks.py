@@ -83,7 +83,7 @@ def test_cg_benchmark_runs_and_agrees_with_scipy():
 @pytest.mark.slow  # 45 s of compilation (every table row); run with --runslow
 def test_lowrank_benchmark_runs():
     pytest.importorskip("sklearn")
-    main, lora_table = lowrank.run(
+    main, compression, lora_table = lowrank.run(
         seeds=range(1),
         epochs=2,
         taus_sgd=(0.2,),
@@ -93,6 +93,11 @@ def test_lowrank_benchmark_runs():
     )
     rows = {row[0]: row for row in main.rows}
     assert float(rows["dense + Adam"][1].split()[0]) > 30  # learns something
+    # every compression method at every budget, within its budget (+ biases)
+    budgets = [r for r in compression.rows if r[1] is not None]
+    assert len(budgets) == len(lowrank.COMPRESSIONS) * 3
+    for r in budgets:
+        assert r[2] <= r[1] / 100 * (64 * 256 + 256 * 256 + 2560) + 256 + 256 + 10
     assert rows["dense + Adam"][3] == 85002
     for name in (
         "DLRT SGD tau=0.2",
