@@ -21,6 +21,16 @@ def marginal_errors(kernel, f, g, a, b, eps):
     return jnp.stack([kernel.rsum(jnp.abs(r - a)), jnp.sum(jnp.abs(col - b))])
 
 
+# stop (result `stalled`) after this many steps at the final epsilon without halving
+# the marginal error, once it is within _STALL_LEVEL eps of the dtype (relative to
+# the mass): the float32 floor at small epsilon, where the error fluctuates around
+# 1e-6 (rounding noise still sets small new records, so "any progress" is not the
+# test). Slow convergence far above the floor (plain Sinkhorn at epsilon 1e-4 in
+# float64) is not stopped: it runs to max_steps.
+_STALL_STEPS = 200
+_STALL_LEVEL = 1e4
+
+
 def _sinkhorn_loop(
     kernel, a, b, eps, g0, *, tol, max_steps, momentum, eps_init, decay, unroll
 ):
@@ -31,15 +41,22 @@ def _sinkhorn_loop(
     zero = jnp.zeros((), a.dtype)
     g0 = jnp.zeros_like(b) if g0 is None else g0
     f0 = eps_init * log_a + kernel.f_hat(g0, eps_init)
-    # state: f, g, current epsilon, column error of (f, g), steps, done
-    init = (f0, g0, eps_init, zero + jnp.inf, jnp.array(0), jnp.array(False))
+    # state: f, g, current epsilon, column error of (f, g), steps, done, stall guard
+    # (best error at the final epsilon, steps since it last improved)
+    guard0 = (zero + jnp.inf, jnp.array(0))
+    init = (f0, g0, eps_init, zero + jnp.inf, jnp.array(0), jnp.array(False), guard0)
+
+    floor = _STALL_LEVEL * jnp.finfo(a.dtype).eps * jnp.sum(b)
+
+    def stalled(best, since):
+        return (since >= _STALL_STEPS) & (best <= floor)
 
     def cond(state):
-        *_, steps, done = state
-        return ~done & (steps < max_steps)
+        *_, steps, done, (best, since) = state
+        return ~done & (steps < max_steps) & ~stalled(best, since)
 
     def body(state):
-        f, g, e, _, steps, _ = state
+        f, g, e, _, steps, _, (best, since) = state
         gh = kernel.g_hat(f, e)
         col = jnp.where(mb, jnp.exp((g - gh) / e), 0)
         err = jnp.sum(jnp.abs(col - b))
@@ -50,6 +67,9 @@ def _sinkhorn_loop(
         f_new = f + omega * (e_next * log_a + kernel.f_hat(g_new, e_next) - f)
         f = jnp.where(done, f, f_new)
         g = jnp.where(done, g, g_new)
+        better = err <= 0.5 * best
+        best = jnp.where(final & better, err, best)
+        since = jnp.where(final & ~better & ~done, since + 1, 0)
         return (
             f,
             g,
@@ -57,21 +77,26 @@ def _sinkhorn_loop(
             err,
             steps + jnp.where(done, 0, 1),
             done,
+            (best, since),
         )
 
     if unroll:
-        f, g, e, _, steps, _ = eqx.internal.while_loop(
+        f, g, e, _, steps, done, guard = eqx.internal.while_loop(
             cond, body, init, max_steps=max_steps + 1, kind="checkpointed"
         )
     else:
-        f, g, e, _, steps, _ = lax.while_loop(cond, body, init)
+        f, g, e, _, steps, done, guard = lax.while_loop(cond, body, init)
     if momentum is not None:  # a plain f-update makes the row marginals exact
         f = eps * log_a + kernel.f_hat(g, eps)
     # zero-weight columns: their potential is the c-transform of f
     g = lax.cond(jnp.all(mb), lambda: g, lambda: jnp.where(mb, g, kernel.g_hat(f, eps)))
     error = marginal_errors(kernel, f, g, a, b, eps)
     error = jnp.where(e <= eps, error, jnp.inf)  # never reached the target epsilon
-    return f, g, (steps, jnp.array(0), error, jnp.array(False))
+    # stalled: the guard fired, or the loop's own test passed but the error
+    # recomputed from the final potentials (rows and columns) is above tol: both
+    # are the dtype's floor, not a lack of steps
+    floor_hit = stalled(*guard) | (done & (steps < max_steps))
+    return f, g, (steps, jnp.array(0), error, floor_hit)
 
 
 def sinkhorn(
@@ -138,7 +163,12 @@ def sinkhorn(
     at trace time. NaN/inf cost, negative or NaN weights, all-zero weights, unequal
     masses, a
     traced bad epsilon, non-convergence within `max_steps` and non-finite potentials
-    give a result code (raised if `throw`).
+    give a result code (raised if `throw`). A `tol` below the dtype's accuracy floor
+    (float32 at small $\\varepsilon$, see [`solvers.sinkhorn_newton`][]) ends with
+    result `stalled` (instead of running to `max_steps`) once 200 steps at the final
+    $\\varepsilon$ have not halved the marginal error while it is within $10^4$ eps of
+    the dtype, or when the loop's own test passed but the error recomputed from the
+    final potentials is above `tol`.
 
     **Derivatives:** $f$, $g$ (hence `plan()`, `reg_ot_cost`, `transport_cost`) are
     differentiable with respect to the cost matrix (so the points), both marginals

@@ -21,9 +21,10 @@ class RESULTS(eqx.Enumeration):
         "conjugate gradients: a better preconditioner or a larger max_steps."
     )
     stalled = (
-        "sinkhorn_newton: the marginal error stopped decreasing above `tol` (50 "
-        "Newton steps at the final epsilon without halving it). In float32 at small "
-        "epsilon this is the dtype's accuracy floor: use float64 or a larger tol."
+        "Sinkhorn: the marginal error stopped decreasing above `tol` (sinkhorn_newton: "
+        "50 Newton steps at the final epsilon without halving it; sinkhorn: 200 steps "
+        "near the rounding level). In float32 at small epsilon this is the dtype's "
+        "accuracy floor: use float64 or a larger tol."
     )
     nonfinite_input = (
         "The input (cost matrix, points, right-hand side) contains NaN or inf."

@@ -350,6 +350,31 @@ def test_newton_reports_a_stall_at_the_float32_floor(hessian):
         run(geom, True)
 
 
+@pytest.mark.parametrize("momentum", [None, 1.5])
+def test_plain_sinkhorn_below_the_float32_floor_is_stalled(momentum):
+    # issue 19: tol 1e-9 is below float32's floor at epsilon 1e-3; plain Sinkhorn
+    # stops 200 steps after its error stops halving near the rounding level, with
+    # result `stalled` (the floor), not `max_steps_reached` after 10,000 steps
+    x, y, _, _ = problem(200, 200, seed=3, dtype=np.float32)
+    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
+    run = jax.jit(
+        lambda geom, throw: solvers.sinkhorn(
+            geom, epsilon=1e-3, tol=1e-9, momentum=momentum, throw=throw
+        ),
+        static_argnums=1,
+    )
+    out = run(geom, False)
+    assert out.result == solvers.RESULTS.stalled
+    assert not bool(out.converged) and int(out.n_steps) < 5000
+    assert float(jnp.max(out.error)) < 1e-5  # it got to the floor
+    with pytest.raises(Exception, match="stopped decreasing"):
+        run(geom, True)
+    # a reachable tol is unaffected; slow convergence far above the floor (float64,
+    # epsilon 1e-4, 500 steps) is still max_steps_reached
+    ok = solvers.sinkhorn(geom, epsilon=1e-2, tol=1e-6, momentum=momentum)
+    assert bool(ok.converged)
+
+
 def test_small_epsilon_converges_with_newton():
     x, y, _, _ = problem(300, 300, seed=3)
     geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
