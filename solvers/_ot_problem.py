@@ -80,8 +80,12 @@ def prepare(geom, a, b, epsilon, fn: str):
     result = RESULTS.where(balanced, RESULTS.successful, RESULTS.unbalanced)
     result = RESULTS.where(good_w, result, RESULTS.invalid_weights)
     result = RESULTS.where(finite, result, RESULTS.nonfinite_input)
+    cmax = None  # max |C|, when the default epsilon's pass over the cost gave it
     if epsilon is None:
-        eps = default_epsilon(Kernel.build(geom._sanitise(finite), a, b))
+        stats = lax.stop_gradient(
+            Kernel.build(geom._sanitise(finite), a, b).cost_stats()
+        )
+        eps, cmax = 0.05 * stats[2], stats[0]
     else:
         eps = jnp.asarray(epsilon, dtype)
     good_eps = jnp.isfinite(eps) & (eps > 0)
@@ -92,7 +96,7 @@ def prepare(geom, a, b, epsilon, fn: str):
     a = jnp.where(ok, a, 1 / jnp.asarray(kernel.rows_total(), dtype))
     b = jnp.where(ok, b, 1.0 / m)
     eps = jnp.where(ok, eps, 1)
-    return Kernel.build(geom, a, b), a, b, eps, result
+    return Kernel.build(geom, a, b), a, b, eps, result, cmax
 
 
 def default_epsilon(kernel):
@@ -138,13 +142,16 @@ def check_schedule(epsilon_schedule, fn):
     return (init, float(decay))
 
 
-def schedule(epsilon_schedule, kernel, eps):
+def schedule(epsilon_schedule, kernel, eps, cmax=None):
     """(first epsilon, decay factor) of the continuation; (eps, 1) for none. Not
-    differentiated (the solution does not depend on the path)."""
+    differentiated (the solution does not depend on the path). `cmax`: max |C| if
+    already known (one pass over the cost less, which online is a full recompute)."""
     if epsilon_schedule is None:
         return eps, 1.0
     if epsilon_schedule == "auto":
-        cmax = lax.stop_gradient(kernel.cost_stats()[0])
+        if cmax is None:
+            cmax = kernel.cost_stats()[0]
+        cmax = lax.stop_gradient(cmax)
         init, decay = 0.05 * cmax, 0.25
     else:
         init, decay = epsilon_schedule
@@ -171,15 +178,18 @@ def solve(
     error, stalled))` under implicit differentiation (or directly, if not
     `implicit`), then gauge-fix, build the [`solvers.OTSolution`][] and raise on
     failure if `throw`. A warm start `init` skips the epsilon continuation."""
-    kernel, a, b, eps, result = prepare(geom, a, b, epsilon, fn)
+    kernel, a, b, eps, result, cmax = prepare(geom, a, b, epsilon, fn)
     tol = default_tol(kernel.geom.dtype, 0.5) if tol is None else tol
     epsilon_schedule = check_schedule(epsilon_schedule, fn)
     g0 = check_init(init, kernel, fn)
     if g0 is not None:
         epsilon_schedule = None
 
-    def run(kernel, a, b, eps, g0):
-        first, decay = schedule(epsilon_schedule, kernel, eps)
+    def run(kernel, a, b, eps, init):
+        # `init` = (g0, cmax): passed as an argument (not differentiated), not
+        # closed over, since `run` is a nondiff argument of a custom_jvp
+        g0, cmax = init
+        first, decay = schedule(epsilon_schedule, kernel, eps, cmax)
         return loop(
             kernel, a, b, eps, g0, tol=tol, eps_init=first, decay=decay, **loop_options
         )
@@ -190,9 +200,9 @@ def solve(
     mass = kernel.rsum(a)
     a_n, b_n = a / mass, b / mass
     if implicit:
-        f, g, aux = implicit_solve(run, throw, kernel, a_n, b_n, eps, g0)
+        f, g, aux = implicit_solve(run, throw, kernel, a_n, b_n, eps, (g0, cmax))
     else:
-        f, g, aux = run(kernel, a_n, b_n, eps, g0)
+        f, g, aux = run(kernel, a_n, b_n, eps, (g0, cmax))
     f = f + jnp.where(kernel.mask_a, eps * jnp.log(mass), 0)
     return _finish(f, g, kernel, a, b, eps, aux, result, tol, throw)
 

@@ -362,6 +362,31 @@ def test_default_epsilon_is_five_percent_of_the_cost_std(batch_size):
     )
 
 
+def test_default_epsilon_and_auto_schedule_share_one_pass_over_the_cost(monkeypatch):
+    # online, every pass recomputes the n x m cost: the default epsilon's statistics
+    # also give the schedule's max |C| (issue 19: they were computed twice)
+    from solvers import _kernel
+
+    calls = []
+    original = _kernel.Kernel.cost_stats
+
+    def counted(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(_kernel.Kernel, "cost_stats", counted)
+    x, y, a, b = problem(20, 30)
+    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y), batch_size=7)
+    jax.eval_shape(lambda g: solvers.sinkhorn_newton(g, a, b).f, geom)
+    assert len(calls) == 1
+    calls.clear()
+    jax.eval_shape(lambda g: solvers.sinkhorn_newton(g, a, b, epsilon=1e-2).f, geom)
+    assert len(calls) == 1  # the schedule's own pass
+    calls.clear()
+    jax.eval_shape(lambda g: solvers.sinkhorn(g, a, b).f, geom)
+    assert len(calls) == 1  # default epsilon, no schedule
+
+
 def test_default_epsilon_matches_ott():
     pointcloud = pytest.importorskip("ott.geometry.pointcloud")
     x, y, _, _ = problem(20, 30)
