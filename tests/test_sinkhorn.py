@@ -330,49 +330,38 @@ def test_newton_rejects_bad_sparse_options():
             solvers.sinkhorn_newton(geom, epsilon=0.1, **kw)
 
 
-@pytest.mark.parametrize("hessian", ["dense", "sparse"])
-def test_newton_reports_a_stall_at_the_float32_floor(hessian):
-    # tol 1e-9 is far below float32's floor at epsilon 1e-3: the solver stops after
-    # 50 Newton steps without progress instead of running to max_steps
+@pytest.mark.parametrize(
+    "solver, options, steps",
+    [
+        (solvers.sinkhorn_newton, {"hessian": "dense"}, 500),
+        (solvers.sinkhorn_newton, {"hessian": "sparse"}, 500),
+        (solvers.sinkhorn, {}, 5000),
+        (solvers.sinkhorn, {"momentum": 1.5}, 5000),
+    ],
+    ids=["newton-dense", "newton-sparse", "plain", "plain-momentum"],
+)
+def test_stall_at_the_float32_floor(solver, options, steps):
+    # tol 1e-9 is far below float32's floor at epsilon 1e-3: Newton stops after 50
+    # Newton steps without progress, plain Sinkhorn 200 steps after its error stops
+    # halving near the rounding level (issue 19), with result `stalled` instead of
+    # running to max_steps (10,000 for plain Sinkhorn)
     x, y, _, _ = problem(200, 200, seed=3, dtype=np.float32)
     geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
     run = jax.jit(
-        lambda geom, throw: solvers.sinkhorn_newton(
-            geom, epsilon=1e-3, tol=1e-9, hessian=hessian, throw=throw
+        lambda geom, throw: solver(
+            geom, epsilon=1e-3, tol=1e-9, throw=throw, **options
         ),
         static_argnums=1,
     )
     out = run(geom, False)
     assert out.result == solvers.RESULTS.stalled
-    assert not bool(out.converged) and int(out.n_steps) < 500
+    assert not bool(out.converged) and int(out.n_steps) < steps
     assert float(jnp.max(out.error)) < 1e-5  # it got to the floor
     with pytest.raises(Exception, match="stopped decreasing"):
         run(geom, True)
-
-
-@pytest.mark.parametrize("momentum", [None, 1.5])
-def test_plain_sinkhorn_below_the_float32_floor_is_stalled(momentum):
-    # issue 19: tol 1e-9 is below float32's floor at epsilon 1e-3; plain Sinkhorn
-    # stops 200 steps after its error stops halving near the rounding level, with
-    # result `stalled` (the floor), not `max_steps_reached` after 10,000 steps
-    x, y, _, _ = problem(200, 200, seed=3, dtype=np.float32)
-    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
-    run = jax.jit(
-        lambda geom, throw: solvers.sinkhorn(
-            geom, epsilon=1e-3, tol=1e-9, momentum=momentum, throw=throw
-        ),
-        static_argnums=1,
-    )
-    out = run(geom, False)
-    assert out.result == solvers.RESULTS.stalled
-    assert not bool(out.converged) and int(out.n_steps) < 5000
-    assert float(jnp.max(out.error)) < 1e-5  # it got to the floor
-    with pytest.raises(Exception, match="stopped decreasing"):
-        run(geom, True)
-    # a reachable tol is unaffected; slow convergence far above the floor (float64,
-    # epsilon 1e-4, 500 steps) is still max_steps_reached
-    ok = solvers.sinkhorn(geom, epsilon=1e-2, tol=1e-6, momentum=momentum)
-    assert bool(ok.converged)
+    # a reachable tol is unaffected (slow convergence far above the floor, float64
+    # at epsilon 1e-4, stays max_steps_reached: next test)
+    assert bool(solver(geom, epsilon=1e-2, tol=1e-6, **options).converged)
 
 
 def test_small_epsilon_converges_with_newton():
