@@ -164,15 +164,17 @@ def _optimality_binder(signature, name, fun_name, inputs, defaulted):
     )
 
 
-def _linear_solver(cfg: _Config, size: int, dtype) -> lx.AbstractLinearSolver:
-    if isinstance(cfg.solve, lx.AbstractLinearSolver):
-        return cfg.solve
-    if cfg.solve is not None:
-        return _CallableSolver(cfg.solve)
+def _linear_solver(solve, symmetric: bool, size: int, dtype) -> lx.AbstractLinearSolver:
+    """The tangent solver: `solve` as given (a lineax solver, or a JAXopt-style
+    callable), else dense LU up to DENSE_MAX_SIZE unknowns, else CG / GMRES."""
+    if isinstance(solve, lx.AbstractLinearSolver):
+        return solve
+    if solve is not None:
+        return _CallableSolver(solve)
     if size <= DENSE_MAX_SIZE:
         return lx.LU()
     tol = default_tol(dtype, 2 / 3)
-    if cfg.symmetric:
+    if symmetric:
         return lx.CG(rtol=tol, atol=tol)
     return lx.GMRES(rtol=tol, atol=tol)
 
@@ -205,7 +207,7 @@ def _tangent_system(cfg: _Config, opt_fn, sol, inputs, dtype):
     y0 = _call_or_value(cfg.tangent_init, sol, inputs, cfg.bind)
     if y0 is not None:
         options["y0"] = y0
-    solver = _linear_solver(cfg, tree_size(sol), dtype)
+    solver = _linear_solver(cfg.solve, cfg.symmetric, tree_size(sol), dtype)
     state = solver.init(operator, options)
 
     no_init = {k: v for k, v in options.items() if k != "y0"}
@@ -643,21 +645,6 @@ def _check_root_args(fn, optimality_fun, sol, args):
     return dtype
 
 
-def _root_solver(solve, symmetric, sol, dtype):
-    cfg = _Config(
-        solve=solve,
-        symmetric=symmetric,
-        ridge=0.0,
-        preconditioner=None,
-        tangent_init=None,
-        rtol=None,
-        atol=None,
-        on_failure="raise",
-        name="",
-    )
-    return _linear_solver(cfg, tree_size(sol), dtype)
-
-
 def root_jvp(
     optimality_fun: Callable[..., PyTree],
     sol: PyTree,
@@ -718,7 +705,7 @@ def root_jvp(
     dtype = _check_root_args("root_jvp", optimality_fun, sol, args)
     _, rhs = jax.jvp(lambda *a: optimality_fun(sol, *a), args, tangents)
     operator = _root_operator(optimality_fun, sol, args, symmetric)
-    solver = _root_solver(solve, symmetric, sol, dtype)
+    solver = _linear_solver(solve, symmetric, tree_size(sol), dtype)
     neg = jtu.tree_map(jnp.negative, rhs)
     return lx.linear_solve(operator, neg, solver).value
 
@@ -771,7 +758,7 @@ def root_vjp(
             f"{describe(sol)}\n  cotangent: {describe(cotangent)}"
         )
     operator = _root_operator(optimality_fun, sol, args, symmetric)
-    solver = _root_solver(solve, symmetric, sol, dtype)
+    solver = _linear_solver(solve, symmetric, tree_size(sol), dtype)
     neg = jtu.tree_map(jnp.negative, cotangent)
     u = lx.linear_solve(operator.T, neg, solver).value
     _, vjp = jax.vjp(lambda *a: optimality_fun(sol, *a), *args)

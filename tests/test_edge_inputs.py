@@ -584,6 +584,42 @@ def test_custom_root_check_is_scale_invariant_and_ignores_x0():
         jax.block_until_ready(jax.grad(lambda t: bad_scaled(0.0, t))(t))
 
 
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ["regular", "singular", "nan_root", "zero_tangent"])
+@pytest.mark.parametrize("fn", ["root_jvp", "root_vjp"])
+def test_root_products_edge(fn, case, dtype):
+    """jaxdecomp.root_jvp / root_vjp at F(x, t) = x^3 - t: exact where the Jacobian
+    is regular, an error (never inf/NaN) where it is singular (root at 0) or the
+    root is NaN, zero for a zero tangent; dtype preserved."""
+
+    def F(x, t):
+        return x**3 - t
+
+    t = jnp.asarray([8.0, 27.0], dtype)
+    x = jnp.cbrt(t)
+    v = jnp.ones(2, dtype)
+    if case == "singular":
+        x, t = jnp.zeros(2, dtype), jnp.zeros(2, dtype)
+    elif case == "nan_root":
+        x = x.at[0].set(jnp.nan)
+    elif case == "zero_tangent":
+        v = jnp.zeros(2, dtype)
+
+    def run():
+        if fn == "root_jvp":
+            return jaxdecomp.root_jvp(F, x, (t,), (v,))
+        return jaxdecomp.root_vjp(F, x, (t,), v)[0]
+
+    if case in ("singular", "nan_root"):
+        with pytest.raises(RUNTIME_ERRORS):
+            jax.block_until_ready(run())
+        return
+    out = run()
+    assert out.dtype == dtype
+    expected = np.asarray(v, F64) / (3 * np.asarray(x, F64) ** 2)
+    np.testing.assert_allclose(out, expected, rtol=10 * float(np.finfo(dtype).eps))
+
+
 def test_custom_root_root_at_zero_is_accepted():
     @jaxdecomp.custom_root(lambda x, t: x - t, symmetric=True)
     def solve(x0, t):
