@@ -261,8 +261,6 @@ def timing_table(full, cands, configs=None, plot=True, kappa=1e3):
     return timing
 
 
-
-
 def _plot(timing: Table):
     """Accuracy against time, one marker per method and size (output folder)."""
     methods = sorted({row[1] for row in timing.rows})

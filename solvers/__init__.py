@@ -45,4 +45,5 @@ from ._sinkhorn import sinkhorn as sinkhorn
 from ._sinkhorn_newton import sinkhorn_newton as sinkhorn_newton
 from ._solution import RESULTS as RESULTS, OTSolution as OTSolution
 from ._sparse import SparseMatrix as SparseMatrix, SparsityPattern as SparsityPattern
+from ._sparse_k import sparse_k as sparse_k
 from ._train import train_preconditioner as train_preconditioner

@@ -16,7 +16,7 @@ from jaxtyping import Array, Float
 
 from jaxdecomp._misc import default_tol
 
-from ._geometry import sum_devices
+from ._geometry import error_if_devices, sum_devices
 from ._kernel import Kernel
 from ._misc import pcg
 
@@ -124,7 +124,12 @@ def _tangent(throw, kernel, a, b, eps, f, g, dk, da, db, deps):
     def solve(matvec, rhs):
         y, _, converged = pcg(matvec, rhs, inv_diag, tol, 10 * m)
         if throw:
-            return eqx.error_if(y, ~converged, _TANGENT_FAILED)
+            return error_if_devices(
+                y,
+                ~converged,
+                lambda y, bad: eqx.error_if(y, bad, _TANGENT_FAILED),
+                kernel.axis_name,
+            )
         return jnp.where(converged, y, jnp.nan)
 
     dg = lax.custom_linear_solve(matvec, rhs, solve, symmetric=True)

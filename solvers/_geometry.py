@@ -135,6 +135,35 @@ def sum_devices(v, axis_name):
     return v if axis_name is None else lax.psum(v, axis_name)
 
 
+def varying(tree, axis_name):
+    """Mark row-local values created inside `jax.shard_map` (zeros, identities) as
+    varying over `axis_name`, the type the loops' carries get once they depend on
+    the device's rows (needed with `check_vma=True`; unchanged without an axis)."""
+    if axis_name is None:
+        return tree
+    return jtu.tree_map(lambda v: lax.pcast(v, (axis_name,), to="varying"), tree)
+
+
+def error_if_devices(tree, pred, raise_if, axis_name):
+    """`raise_if(tree, pred)` (an `eqx.error_if`), also inside `jax.shard_map` with
+    `check_vma=True`: there the check raises on a scalar token (whose branches have no
+    varying type to disagree on) and every array leaf of `tree` is tied to the token
+    (+ 0, | False: the values are unchanged, and nothing that uses them can run
+    before the check)."""
+    if axis_name is None:
+        return raise_if(tree, pred)
+    token = raise_if(jnp.zeros((), jnp.int32), pred)
+
+    def tie(v):
+        if not isinstance(v, jax.Array):
+            return v
+        if v.dtype == jnp.bool_:
+            return v | (token != 0)
+        return v + token.astype(v.dtype)
+
+    return jtu.tree_map(tie, tree)
+
+
 def _centre(x, y, axis_name):
     # The cost is translation invariant, so the shift is exact and needs no
     # derivative. With rows sharded, the mean over all devices' rows.
@@ -326,6 +355,7 @@ class PointCloud(AbstractGeometry):
         ident = _IDENTITY[combine]
         combine_fn = _COMBINE[combine]
         acc0 = jtu.tree_map(lambda s: jnp.full(s.shape, ident, s.dtype), cols_shape)
+        acc0 = varying(acc0, self.axis_name)  # the blocks' sums differ per device
 
         def body(acc, xs):
             rows, cols = block(*xs)

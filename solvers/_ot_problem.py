@@ -10,7 +10,13 @@ import jax.numpy as jnp
 from jaxdecomp._misc import default_tol
 
 from ._dual import gauge, implicit_solve
-from ._geometry import AbstractGeometry, Geometry, all_devices, sum_devices
+from ._geometry import (
+    AbstractGeometry,
+    Geometry,
+    all_devices,
+    error_if_devices,
+    sum_devices,
+)
 from ._kernel import Kernel
 from ._solution import RESULTS, OTSolution
 
@@ -240,5 +246,7 @@ def _finish(f, g, kernel, a, b, eps, aux, result, tol, throw):
         result=result,
     )
     if throw:
-        sol = result.error_if(sol, result != RESULTS.successful)
+        sol = error_if_devices(
+            sol, result != RESULTS.successful, result.error_if, kernel.axis_name
+        )
     return sol

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float
 
 from ._dual import safe_log
-from ._geometry import AbstractGeometry, sum_devices
+from ._geometry import AbstractGeometry, sum_devices, varying
 from ._misc import pcg
 from ._ot_problem import solve
 from ._sinkhorn import marginal_errors
 from ._solution import OTSolution
+from ._sparse_k import check_concrete, sparse_k
 
 _LINE_SEARCH_STEPS = 12
 _ARMIJO = 1e-4
@@ -125,8 +126,9 @@ def _newton_loop(
     # sparse Hessian: the cached per-row index set, its used slots, the mass
     # fraction it kept when selected and the epsilon then (-1: none selected yet)
     sel0 = (
-        jnp.zeros((n, kk), jnp.int32),
-        jnp.zeros((n, kk), bool),
+        *varying(
+            (jnp.zeros((n, kk), jnp.int32), jnp.zeros((n, kk), bool)), kernel.axis_name
+        ),
         jnp.asarray(0.0, dtype),
         jnp.asarray(-1.0, dtype),
     )
@@ -292,7 +294,7 @@ def sinkhorn_newton(
     max_steps: int = 2_000,
     epsilon_schedule: None | Literal["auto"] | tuple[float, float] = "auto",
     hessian: Literal["dense", "sparse"] = "dense",
-    k: int = 64,
+    k: int | Literal["auto"] = 64,
     kept_mass: float = 0.99,
     newton_threshold: float = 1.0,
     cg_max_steps: int = 200,
@@ -352,7 +354,15 @@ def sinkhorn_newton(
         whenever the marginal error drops below 1e-3), `None`, or
         `(epsilon_init, decay)`.
     - `hessian`, `k` (default 64), `kept_mass` (default 0.99; at 0.9 the step can
-        stall on smooth modes): see above (static).
+        stall on smooth modes): see above (static). `k="auto"` measures it with
+        [`solvers.sparse_k`][] (the kept mass of the kernel's rows at the final
+        epsilon, on a sample of rows): concrete inputs only (a `TypeError` under
+        `jax.jit`/`vmap`/`grad`: call `sparse_k` outside and pass the int). A
+        larger `k` pays only where the CG solves dominate (many CG steps: small
+        epsilon, float64 tolerances); at $n = 10^4$, $\varepsilon = 10^{-3}$,
+        float32, tol $10^{-5}$ the CG solves take 1-31 steps, the passes that form
+        the plan dominate, and `k = 256` (which keeps the mass) is as fast as the
+        dense Hessian.
     - `newton_threshold`: L1 marginal error below which Newton steps are taken.
     - `cg_max_steps`: CG iterations per Newton step (static).
 
@@ -395,10 +405,16 @@ def sinkhorn_newton(
             raise ValueError(f"{fn}: {name} must be a positive int; got {v}.")
     if hessian not in ("dense", "sparse"):
         raise ValueError(f"{fn}: hessian must be 'dense' or 'sparse'; got {hessian!r}.")
-    if not (isinstance(k, int) and 1 <= k):
-        raise ValueError(f"{fn}: k must be a positive int; got {k}.")
+    if k != "auto" and (isinstance(k, bool) or not (isinstance(k, int) and 1 <= k)):
+        raise ValueError(f"{fn}: k must be a positive int or 'auto'; got {k!r}.")
     if not 0.0 < kept_mass <= 1.0:
         raise ValueError(f"{fn}: kept_mass must be in (0, 1]; got {kept_mass}.")
+    if k == "auto":
+        if hessian == "sparse":
+            check_concrete((geom, a, b, epsilon), f"{fn}(k='auto')")
+            k = sparse_k(geom, a, b, epsilon=epsilon, kept_mass=kept_mass)
+        else:
+            k = 1  # unused by the dense Hessian
     return solve(
         _newton_loop,
         geom,

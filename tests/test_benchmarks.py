@@ -27,7 +27,11 @@ def test_table_and_timer():
 
 def test_sinkhorn_benchmark_runs_and_converges():
     (table,) = sinkhorn.run(
-        sizes=(150,), dtypes=("float64",), epsilons=(1e-2,), curves=False
+        sizes=(150,),
+        dtypes=("float64",),
+        epsilons=(1e-2,),
+        curves=False,
+        sparse_k=False,
     )
     rows = {row[3]: row for row in table.rows}
     for name in (
@@ -38,6 +42,14 @@ def test_sinkhorn_benchmark_runs_and_converges():
     ):
         assert rows[f"jaxdecomp {name}"][7] == "yes"  # measured marginal error
         assert rows[f"jaxdecomp {name}"][6] <= sinkhorn.TOL["float64"]
+
+
+def test_sparse_k_benchmark_runs():
+    table = sinkhorn.sparse_k_table(configs=[(300, "float64", 1e-2, 1e-9)])
+    rows = {row[4]: row for row in table.rows}
+    assert set(rows) == {"dense", "sparse", "sparse (k = sparse_k)"}
+    assert all(row[9] <= 1e-9 for row in table.rows)  # every variant converged
+    assert rows["sparse (k = sparse_k)"][6] >= 0.99  # the chosen k keeps the mass
 
 
 def test_implicit_benchmark_runs_and_is_accurate():

@@ -491,6 +491,59 @@ def test_ot_edge(solver, case, dtype, batch_size):
     assert np.all(np.isfinite(out.f)) and np.all(np.isfinite(out.g))
 
 
+@eqx.filter_jit
+def _divergence_and_grad(x, y, a, b, eps, batch_size=None):  # one compilation each
+    def loss(x):
+        out = solvers.sinkhorn_divergence(
+            x, y, a, b, epsilon=eps, batch_size=batch_size, throw=False
+        )
+        return out.divergence, out
+
+    return jax.value_and_grad(loss, has_aux=True)(x)
+
+
+@pytest.mark.parametrize(
+    "dtype, batch_size",
+    [(F32, None), (F64, None), (F64, 5)],
+    ids=["f32-dense", "f64-dense", "f64-online"],
+)
+@pytest.mark.parametrize("case", list(_ot_cases()))
+def test_sinkhorn_divergence_edge(case, dtype, batch_size, request):
+    if case == "epsilon_huge" and dtype == F32:
+        # Known miss (docs/sinkhorn.md, "Float32 at large epsilon"): the potentials
+        # carry epsilon * log(a) (1e6 * 2.5 here), whose float32 rounding (0.25) is
+        # the size of the costs; the value of reg_ot_cost and so S lose every digit
+        # (S = -0.5 where float64 gives 0.02) while the plan and the gradient stay
+        # accurate. Needs potentials stored without epsilon * log(a) and a
+        # log1p/expm1 log-sum-exp.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="float32 floor"))
+    kw, valid = _ot_cases()[case]
+    x, y = _clouds(dtype)
+    a = jnp.asarray(kw.get("a", np.full(x.shape[0], 1 / x.shape[0])), dtype)
+    b = jnp.asarray(kw.get("b", np.full(y.shape[0], 1 / y.shape[0])), dtype)
+    eps = jnp.asarray(kw.get("epsilon", 0.05), dtype)
+    (value, out), grad = _divergence_and_grad(
+        jnp.asarray(x), jnp.asarray(y), a, b, eps, batch_size
+    )
+    if out.result != solvers.RESULTS.successful:
+        assert not valid, out.result
+        assert not bool(out.converged)
+        return
+    assert valid, "invalid input accepted"
+    tol = float(np.finfo(dtype).eps) ** 0.5
+    mass = float(np.sum(np.asarray(a, F64)))
+    for sol in (out.xy, out.xx, out.yy):  # each of the three solves is accurate
+        p = np.asarray(sol.plan(), F64)
+        assert np.abs(p.sum(1) - np.asarray(sol.a, F64)).sum() <= 10 * tol * mass
+        assert np.abs(p.sum(0) - np.asarray(sol.b, F64)).sum() <= 10 * tol * mass
+    # S >= 0 up to the solves' accuracy (scaled by the cost's size and the mass)
+    assert np.isfinite(float(value)) and float(value) >= -10 * tol * mass
+    grad = np.asarray(grad, F64)
+    assert np.all(np.isfinite(grad))
+    # a zero-weight point carries no mass: its gradient is exactly zero
+    assert np.all(grad[np.asarray(a) == 0] == 0)
+
+
 def test_ot_tiny_mass_is_solved_as_accurately_as_unit_mass():
     x, y = _clouds(F64)
     geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))

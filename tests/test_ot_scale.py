@@ -84,7 +84,12 @@ def test_online_point_cloud_far_from_origin_float32():
 
 
 @pytest.mark.parametrize(
-    "solver", [pytest.param("sinkhorn", marks=pytest.mark.slow), "newton_sparse"]
+    "solver",
+    [
+        pytest.param("sinkhorn", marks=pytest.mark.slow),
+        "newton_dense",
+        pytest.param("newton_sparse", marks=pytest.mark.slow),
+    ],
 )
 def test_online_derivatives_equal_the_dense_ones(solver):
     # forward and reverse mode of the implicit potentials and of the cost, online
@@ -521,6 +526,115 @@ def test_sinkhorn_divergence_failures():
 
 
 # --------------------------------------------------------------------------------------
+# Choosing the sparse Hessian's k from kept_mass
+# --------------------------------------------------------------------------------------
+
+
+def _numpy_k(plan, target, multiple=8):
+    """Smallest multiple of 8 whose per-row top-k keeps `target` of the mass."""
+    top = -np.sort(-np.asarray(plan, np.float64), axis=1)
+    curve = np.cumsum(top.sum(axis=0)) / top.sum()
+    k = int(np.argmax(curve >= target * (1 - 1e-12))) + 1
+    return min(plan.shape[1], multiple * -(-k // multiple))
+
+
+def test_sparse_k_counts_the_plan_mass_like_numpy():
+    x, y, a, b = map(jnp.asarray, problem(300, 250))
+    geom = solvers.PointCloud(x, y)
+    eps = 0.01
+    out = solvers.sinkhorn_newton(geom, a, b, epsilon=eps, tol=1e-12)
+    # with the converged g and every row, the estimate is the exact plan's count
+    k = solvers.sparse_k(geom, a, b, epsilon=eps, g=out.g, sample=300)
+    assert k == _numpy_k(out.plan(), 0.995)
+    assert k % 8 == 0 and 8 <= k < 250
+    # the solver's own near-top-k selection with that k keeps kept_mass of the plan
+    from solvers._sinkhorn_newton import _select_rows
+
+    vals, _, _ = _select_rows(out.plan(), k)
+    assert float(vals.sum() / out.plan().sum()) >= 0.99
+    # the kernel estimate (g = 0, default) on a sample of rows: close to it
+    k0 = solvers.sparse_k(geom, a, b, epsilon=eps)
+    assert abs(k0 - k) <= 16, (k0, k)
+    # online geometry and float32: the same count
+    online = solvers.PointCloud(x, y, batch_size=64)
+    assert solvers.sparse_k(online, a, b, epsilon=eps) == k0
+    x32, y32, a32, b32 = (v.astype(jnp.float32) for v in (x, y, a, b))
+    k32 = solvers.sparse_k(solvers.PointCloud(x32, y32), a32, b32, epsilon=eps)
+    assert abs(k32 - k0) <= 8
+    # monotone in epsilon and kept_mass, capped at m
+    assert solvers.sparse_k(geom, a, b, epsilon=eps / 4) < k0
+    assert solvers.sparse_k(geom, a, b, epsilon=eps, kept_mass=0.9) < k0
+    assert solvers.sparse_k(geom, a, b, epsilon=10.0) == 250
+    # a cost matrix works as the solvers' geometry does; default epsilon too
+    assert solvers.sparse_k(geom.cost_matrix, a, b, epsilon=eps) == k0
+    assert isinstance(solvers.sparse_k(geom), int)
+
+
+def test_sinkhorn_newton_k_auto():
+    x, y, a, b = map(jnp.asarray, problem(200, 180))
+    geom = solvers.PointCloud(x, y)
+    kw = dict(epsilon=0.01, tol=1e-10, hessian="sparse")
+    k = solvers.sparse_k(geom, a, b, epsilon=0.01)
+    auto = solvers.sinkhorn_newton(geom, a, b, k="auto", **kw)
+    fixed = solvers.sinkhorn_newton(geom, a, b, k=k, **kw)
+    assert int(auto.n_steps) == int(fixed.n_steps)
+    np.testing.assert_allclose(auto.g, fixed.g, rtol=0, atol=1e-13)
+
+    # traced inputs: a clear error at trace time (k is a shape), in every transform
+    def solve(x):
+        return solvers.sinkhorn_newton(solvers.PointCloud(x, y), a, b, k="auto", **kw)
+
+    for transform, arg in (
+        (jax.jit(lambda x: solve(x).g), x),
+        (jax.grad(lambda x: solve(x).reg_ot_cost), x),
+        (jax.vmap(lambda x: solve(x).g), x[None]),
+    ):
+        with pytest.raises(TypeError, match="sparse_k"):
+            transform(arg)
+    # the dense Hessian does not use k: "auto" is fine under jit
+    dense = jax.jit(
+        lambda x: (
+            solvers.sinkhorn_newton(
+                solvers.PointCloud(x, y), a, b, k="auto", epsilon=0.01, tol=1e-10
+            ).g
+        )
+    )(x)
+    assert bool(jnp.all(jnp.isfinite(dense)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(kept_mass=0.0), ValueError, "kept_mass"),
+        (dict(kept_mass=1.5), ValueError, "kept_mass"),
+        (dict(sample=0), ValueError, "sample"),
+        (dict(sample=True), ValueError, "sample"),
+        (dict(g=np.zeros(7)), ValueError, "shape"),
+        (dict(g=np.full(50, np.nan)), ValueError, "finite"),
+        (dict(epsilon=-1.0), ValueError, "epsilon"),
+        (dict(a=-np.ones(40) / 40), ValueError, "weights"),
+        (dict(a=np.ones(41) / 41), ValueError, "shape"),
+        (dict(x_nan=True), ValueError, "finite|NaN|inf"),
+    ],
+)
+def test_sparse_k_bad_input(kwargs, error, match):
+    x, y, a, b = problem(40, 50)
+    if kwargs.pop("x_nan", False):
+        x = x.copy()
+        x[3, 0] = np.nan
+    a = kwargs.pop("a", a)
+    with pytest.raises(error, match=match):
+        solvers.sparse_k(solvers.PointCloud(x, y), a, b, **{"epsilon": 0.01, **kwargs})
+
+
+@pytest.mark.parametrize("k", [0, -3, 2.5, True, "top"])
+def test_sinkhorn_newton_bad_k(k):
+    x, y, a, b = problem(20, 30)
+    with pytest.raises(ValueError, match="k must be"):
+        solvers.sinkhorn_newton(solvers.PointCloud(x, y), a, b, hessian="sparse", k=k)
+
+
+# --------------------------------------------------------------------------------------
 # Rows sharded over devices
 # --------------------------------------------------------------------------------------
 
@@ -554,8 +668,9 @@ _SHARDED = textwrap.dedent(
             geom = solvers.PointCloud(x, y, batch_size=bs, axis_name="i")
             return solve(geom, a if name == "dense" else None, b, epsilon=1e-2)
 
-        # check_vma=False: Equinox's error_if does not type-check under shard_map's
-        # replication checker. Differentiate outside the shard_map (inside, with
+        # check_vma=False for the gradient (the tangent solves do not carry
+        # shard_map's varying-axis types yet); values also run with the default
+        # check_vma=True below. Differentiate outside the shard_map (inside, with
         # check_vma=False, psum's transpose would scale the gradient).
         @jax.jit
         @functools.partial(
@@ -572,12 +687,26 @@ _SHARDED = textwrap.dedent(
                 jax.device_put(a, rows), jax.device_put(b, whole))
         f, g, c, steps = sharded(*args)
         gx = jax.jit(jax.grad(cost))(*args)
+        # values also under shard_map's default replication checks (check_vma=True)
+        c_vma = jax.jit(jax.shard_map(
+            lambda *args: solve_sharded(*args).reg_ot_cost, mesh=mesh,
+            in_specs=(P("i"), P(), P("i"), P()), out_specs=P()))(*args)
         out[name] = dict(
             f=float(np.max(np.abs(np.asarray(f) - np.asarray(ref.f)))),
             g=float(np.max(np.abs(np.asarray(g) - np.asarray(ref.g)))),
-            cost=float(abs(c - ref.reg_ot_cost)),
+            cost=float(max(abs(c - ref.reg_ot_cost), abs(c_vma - ref.reg_ot_cost))),
             grad=float(np.max(np.abs(np.asarray(gx) - np.asarray(ref_grad)))),
             steps=[int(steps), int(ref.n_steps)], sharded=str(f.sharding.spec))
+    # a failed solve raises under check_vma=True too (the check on a scalar token)
+    fail = jax.jit(jax.shard_map(
+        lambda x, y: solvers.sinkhorn(solvers.PointCloud(x, y, axis_name="i"),
+                                      epsilon=1e-3, max_steps=3).g,
+        mesh=mesh, in_specs=(P("i"), P()), out_specs=P()))
+    try:
+        fail(jax.device_put(x, rows), jax.device_put(y, whole)).block_until_ready()
+        out["raised"] = False
+    except Exception as e:
+        out["raised"] = "max_steps" in str(e)
     print(json.dumps(out))
     """
 )
@@ -599,6 +728,7 @@ def test_rows_sharded_over_8_devices_match_one_device():
     import json
 
     out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out.pop("raised") is True
     for name, r in out.items():
         assert r["f"] < 1e-12 and r["g"] < 1e-12 and r["cost"] < 1e-13, (name, r)
         assert r["grad"] < 1e-12, (name, r)

@@ -121,7 +121,17 @@ def _outputs(solver, eps=0.1):
     return jax.jit(fn)
 
 
-@pytest.mark.parametrize("name", ["sinkhorn", "newton_dense", "newton_sparse"])
+# The implicit derivative does not depend on the solver that found the potentials
+# (the same linear solves at the same point): one solver by default, the other two
+# with --runslow.
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("sinkhorn", marks=pytest.mark.slow),
+        "newton_dense",
+        pytest.param("newton_sparse", marks=pytest.mark.slow),
+    ],
+)
 def test_check_grads_points(name):
     x, y, a, b = problem(5, 6)
     fn = _outputs(SOLVERS[name])
