@@ -573,11 +573,18 @@ def test_sparse_k_counts_the_plan_mass_like_numpy():
 def test_sinkhorn_newton_k_auto():
     x, y, a, b = map(jnp.asarray, problem(200, 180))
     geom = solvers.PointCloud(x, y)
-    kw = dict(epsilon=0.01, tol=1e-10, hessian="sparse")
-    k = solvers.sparse_k(geom, a, b, epsilon=0.01)
+    kw = dict(epsilon=0.05, tol=1e-10, hessian="sparse")
+    k = solvers.sparse_k(geom, a, b, epsilon=0.05)
+    assert k > 64  # the measured k, not the floor
     auto = solvers.sinkhorn_newton(geom, a, b, k="auto", **kw)
     fixed = solvers.sinkhorn_newton(geom, a, b, k=k, **kw)
     assert int(auto.n_steps) == int(fixed.n_steps)
+    np.testing.assert_allclose(auto.g, fixed.g, rtol=0, atol=1e-13)
+    # where the final epsilon needs fewer than 64 entries, "auto" keeps 64
+    assert solvers.sparse_k(geom, a, b, epsilon=0.01) < 64
+    small = dict(kw, epsilon=0.01)
+    auto = solvers.sinkhorn_newton(geom, a, b, k="auto", **small)
+    fixed = solvers.sinkhorn_newton(geom, a, b, k=64, **small)
     np.testing.assert_allclose(auto.g, fixed.g, rtol=0, atol=1e-13)
 
     # traced inputs: a clear error at trace time (k is a shape), in every transform
