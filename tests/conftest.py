@@ -9,6 +9,7 @@ time). This changes how fast the compiled code runs, not what it computes (XLA's
 backend does not reassociate floating point at any level); benchmarks do not use it.
 """
 
+import gc
 import os
 
 _FLAG = "--xla_backend_optimization_level"
@@ -50,3 +51,16 @@ def getkey():
         return sub
 
     return _getkey
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. Each loaded XLA CPU
+    executable holds memory mappings (about 14 per small solver program); a
+    long-lived xdist worker that kept them all reached Linux's default
+    `vm.max_map_count` (65,530: 55,441 mappings were counted in one worker at 80% of
+    the suite) and then segfaulted inside XLA's compiler. Within a module, jitted
+    helpers still share their compilations."""
+    yield
+    jax.clear_caches()
+    gc.collect()
