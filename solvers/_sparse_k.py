@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import ArrayLike, Float
 
-from ._geometry import AbstractGeometry
+from ._dual import safe_log
+from ._geometry import AbstractGeometry, PointCloud
 from ._ot_problem import prepare
 from ._solution import RESULTS
 
@@ -37,7 +38,7 @@ def _kept_curve(c, a, b, g, eps):
     """Mass of the plan rows' k largest entries, as a fraction of the sample's mass,
     for k = 1..m: rows P_ij = a_i b_j exp((g_j - C_ij)/eps) / sum_l b_l exp(...)
     (the f-update's exact row marginal a_i, with the column potential g)."""
-    z = jnp.where(b > 0, (g - c) / eps + jnp.log(jnp.where(b > 0, b, 1)), -jnp.inf)
+    z = jnp.where(b > 0, (g - c) / eps + safe_log(b), -jnp.inf)
     p = jnp.exp(z - jnp.max(z, axis=1, keepdims=True))
     p = p / jnp.sum(p, axis=1, keepdims=True)
     top = -jnp.sort(-p, axis=1)  # each row in decreasing order
@@ -122,6 +123,12 @@ def sparse_k(
     if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
         raise ValueError(f"{fn}: sample must be a positive int; got {sample!r}.")
     check_concrete((geom, a, b, epsilon, g), fn)
+    if isinstance(geom, PointCloud) and not geom.is_online:
+        # only a sample of rows is needed: never materialise the n x m cost (the
+        # checks and the default epsilon then make passes by blocks)
+        geom = PointCloud(
+            geom.x, geom.y, cost=geom.cost, batch_size=1024, axis_name=geom.axis_name
+        )
     kernel, a, b, eps, result, _ = prepare(geom, a, b, epsilon, fn)
     if getattr(kernel.geom, "axis_name", None) is not None:
         raise ValueError(

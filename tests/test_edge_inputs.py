@@ -544,6 +544,25 @@ def test_sinkhorn_divergence_edge(case, dtype, batch_size, request):
     assert np.all(grad[np.asarray(a) == 0] == 0)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(_ot_cases()))
+def test_sparse_k_edge(case, dtype):
+    # invalid problems raise a ValueError naming the function; valid ones give an
+    # int in [8, m] (a static shape, so there is no result code to return)
+    kw, valid = _ot_cases()[case]
+    x, y = _clouds(dtype)
+    a = np.asarray(kw.get("a", np.full(x.shape[0], 1 / x.shape[0])), dtype)
+    b = np.asarray(kw.get("b", np.full(y.shape[0], 1 / y.shape[0])), dtype)
+    eps = kw.get("epsilon", 0.05)
+    geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
+    if not valid:
+        with pytest.raises(ValueError, match="sparse_k"):
+            solvers.sparse_k(geom, a, b, epsilon=eps)
+        return
+    k = solvers.sparse_k(geom, a, b, epsilon=eps)
+    assert isinstance(k, int) and min(8, y.shape[0]) <= k <= y.shape[0]
+
+
 def test_ot_tiny_mass_is_solved_as_accurately_as_unit_mass():
     x, y = _clouds(F64)
     geom = solvers.PointCloud(jnp.asarray(x), jnp.asarray(y))
