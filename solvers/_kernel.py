@@ -25,6 +25,22 @@ def _lse(z, ok, axis):
     return jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1)) + top, -jnp.inf)
 
 
+def _log_mean(s1, s0):
+    """log of a weighted mean of exponentials $m = \\sum_j w_j e^{y_j}$ ($\\sum w =
+    1$, $y \\le 0$, max 0), from $s_1 = \\sum_j w_j\\,\\mathrm{expm1}(y_j) = m - 1$
+    and $s_0 = \\sum_j w_j e^{y_j} = m$.
+
+    At $\\varepsilon \\gg |C|$ every $y_j$ is tiny and $m = 1 + s_1$ with $|s_1|$ of
+    the order of $\\max|C|/\\varepsilon$: `log1p(s1)` keeps its digits where
+    `log(s0)` would round them away (float32 loses every digit of the costs at
+    $\\varepsilon = 10^6$). Far from 1 (small $\\varepsilon$) `s0` is the accurate
+    one (1 + s_1 cancels)."""
+    near = s1 > -0.5
+    return jnp.where(
+        near, jnp.log1p(jnp.where(near, s1, 0)), jnp.log(jnp.where(near, 1, s0))
+    )
+
+
 def _across(tree, combine, axis_name):
     """Combine column outputs across the devices of `axis_name` (rows sharded)."""
     if axis_name is None:
@@ -93,6 +109,54 @@ class Kernel(eqx.Module):
             return -eps * _lse((g[None, :] - c) / eps, mb[None, :], 1), None
 
         return self.geom.row_pass(fn)[0]
+
+    def f_mean(self, g, w, eps) -> Float[Array, " n"]:
+        """$-\\varepsilon \\log \\big(\\sum_j w_j e^{(g_j - C_{ij})/\\varepsilon} /
+        \\sum_j w_j\\big)$ over the kept columns: the c-transform against the
+        *normalised* weights `w`, accurate also at $\\varepsilon \\gg |g - C|$
+        (see `_log_mean`). Two exponentials per entry: for values, not for the
+        solvers' loops."""
+        mb = self.mask_b
+        wn = jnp.where(mb, w, 0)
+        wn = wn / jnp.sum(wn)
+
+        def fn(c):
+            z = jnp.where(mb[None, :], (g[None, :] - c) / eps, -jnp.inf)
+            top = jnp.max(z, axis=1)
+            top = jnp.where(jnp.isfinite(top), top, 0)
+            y = z - top[:, None]
+            s1 = jnp.sum(wn * jnp.expm1(y), axis=1)
+            s0 = jnp.sum(wn * jnp.exp(y), axis=1)
+            return -eps * (top + _log_mean(s1, s0)), None
+
+        return self.geom.row_pass(fn)[0]
+
+    def g_mean(self, f, w, eps) -> Float[Array, " m"]:
+        """The same over the kept rows (the column c-transform against the
+        normalised `w`): one pass for the columns' maxima, one for the sums."""
+        ma = self.mask_a
+        wn = jnp.where(ma, w, 0)
+        wn = wn / self.rsum(wn)
+
+        def z(c, fb, ok):
+            return jnp.where(ok[:, None], (fb[:, None] - c) / eps, -jnp.inf)
+
+        _, top = self.geom.row_pass(
+            lambda c, fb, ok: (None, jnp.max(z(c, fb, ok), axis=0)), (f, ma), "max"
+        )
+        top = _across(top, "max", self.axis_name)
+        top = jnp.where(jnp.isfinite(top), top, 0)
+
+        def sums(c, fb, ok, wb):
+            y = z(c, fb, ok) - top[None, :]
+            return None, (
+                jnp.sum(wb[:, None] * jnp.expm1(y), axis=0),
+                jnp.sum(wb[:, None] * jnp.exp(y), axis=0),
+            )
+
+        _, (s1, s0) = self.geom.row_pass(sums, (f, ma, wn))
+        s1, s0 = _across((s1, s0), "sum", self.axis_name)
+        return -eps * (top + _log_mean(s1, s0))
 
     def g_hat(self, f, eps) -> Float[Array, " m"]:
         def fn(c, fb, ok):

@@ -132,7 +132,9 @@ class OTSolution(eqx.Module):
     @property
     def reg_ot_cost(self) -> Float[Array, ""]:
         """Entropic OT cost $\\langle P, C\\rangle + \\varepsilon\\,
-        \\mathrm{KL}(P \\,\\|\\, a b^T)$, evaluated by the dual. Its first
+        \\mathrm{KL}(P \\,\\|\\, a b^T)$, evaluated by the semi-dual at `g`
+        without the $\\varepsilon \\log a$ the potentials carry (accurate in
+        float32 also at $\\varepsilon \\gg \\max|C|$, see docs/sinkhorn.md). Its first
         derivatives are Danskin's (no linear solve): $\\partial/\\partial C = P$,
         $\\partial/\\partial a = f - \\varepsilon\\log a$ (up to a constant), and
         second derivatives go through the implicit potentials."""

@@ -508,15 +508,9 @@ def _divergence_and_grad(x, y, a, b, eps, batch_size=None):  # one compilation e
     ids=["f32-dense", "f64-dense", "f64-online"],
 )
 @pytest.mark.parametrize("case", list(_ot_cases()))
-def test_sinkhorn_divergence_edge(case, dtype, batch_size, request):
-    if case == "epsilon_huge" and dtype == F32:
-        # Known miss (docs/sinkhorn.md, "Float32 at large epsilon"): the potentials
-        # carry epsilon * log(a) (1e6 * 2.5 here), whose float32 rounding (0.25) is
-        # the size of the costs; the value of reg_ot_cost and so S lose every digit
-        # (S = -0.5 where float64 gives 0.02) while the plan and the gradient stay
-        # accurate. Needs potentials stored without epsilon * log(a) and a
-        # log1p/expm1 log-sum-exp.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="float32 floor"))
+def test_sinkhorn_divergence_edge(case, dtype, batch_size):
+    # (float32 at epsilon 1e6 was a strict xfail until reg_ot_cost became the
+    # semi-dual without epsilon * log(a): S came out -0.5 where float64 gives 0.02)
     kw, valid = _ot_cases()[case]
     x, y = _clouds(dtype)
     a = jnp.asarray(kw.get("a", np.full(x.shape[0], 1 / x.shape[0])), dtype)

@@ -509,7 +509,13 @@ def test_sinkhorn_divergence_derivatives_jit_vmap_float32():
 def test_sinkhorn_divergence_second_order():
     x, y, a, b = _small_div_problem()
     check_grads(
-        _div_fn, (x, y), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5, eps=1e-6
+        lambda x, y: _div_fn(x, y, a, b),
+        (x, y),
+        order=2,
+        modes=("fwd", "rev"),
+        atol=1e-5,
+        rtol=1e-5,
+        eps=1e-6,
     )
 
 
