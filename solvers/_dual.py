@@ -26,90 +26,135 @@ def safe_log(w):
     return jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1)), 0)
 
 
-@jax.custom_jvp
-def _xlogx(a):
-    return jnp.sum(a * safe_log(a))
+def _hat_potentials(kernel: Kernel, a, b, eps, g):
+    """Potentials without the $\\varepsilon\\log a$, $\\varepsilon\\log b$ that `f`,
+    `g` carry: $(f', \\tilde g, M)$ with $P_{ij} = a_i b_j e^{L_{ij}}$, $L_{ij} =
+    (\\tilde f_i + \\tilde g_j - C_{ij})/\\varepsilon$, $\\tilde f = f' -
+    \\varepsilon\\log M$, $f'$ and $\\tilde g$ of the size of the costs.
 
-
-@_xlogx.defjvp
-def _xlogx_jvp(primals, tangents):
-    # d(a log a) = (log a + 1) da, with log 0 := 0 (matching the zero-weight
-    # convention of the potentials, so the Danskin derivative stays finite).
-    (a,), (da,) = primals, tangents
-    return _xlogx(a), jnp.sum((safe_log(a) + 1) * da)
-
-
-def _dual(kernel: Kernel, a, b, eps, f, g):
-    # <f,a> + <g,b> - eps sum(P) + eps sum(a) sum(b) - eps (H-terms): at the optimum
-    # this equals <P,C> + eps KL(P || a b^T).
-    r, _ = kernel.plan(f, g, eps).marginals()
-    xlogx_a = sum_devices(_xlogx(a), kernel.axis_name)
-    return (
-        kernel.rdot(f, a)
-        + jnp.vdot(g, b)
-        - eps * kernel.rsum(r)
-        + eps * kernel.rsum(a) * jnp.sum(b)
-        - eps * (xlogx_a + _xlogx(b))
-    )
-
-
-def _semi_dual(kernel: Kernel, a, b, eps, g):
-    """The optimal dual value near $g$, computed without the $\\varepsilon\\log a$,
-    $\\varepsilon\\log b$ the potentials carry.
-
-    With $M = \\sum a$, $\\alpha = a / M$, $\\beta = b / \\sum b$, $\\tilde g = g -
-    \\varepsilon \\log b$ centred ($\\tilde g - \\langle \\beta, \\tilde
-    g\\rangle$), one Sinkhorn iteration in these variables,
-    $f'_i = -\\varepsilon\\log\\sum_j \\beta_j e^{(\\tilde g_j - C_{ij})/\\varepsilon}$
-    and $g''_j = -\\varepsilon\\log\\sum_i \\alpha_i e^{(f'_i - C_{ij})/\\varepsilon}$
-    (`f_mean`, `g_mean`: expm1/log1p where the means are close to 1), then the
-    semi-dual in $f$:
-
-    $$M\\big(\\langle \\alpha, f'\\rangle + \\langle\\beta, g''\\rangle\\big) -
-    \\varepsilon M(\\log M + 1 - M).$$
-
-    At the optimum this is `_dual`, but term by term of the size of the costs, so
-    float32 keeps the value's digits at $\\varepsilon \\gg \\max|C|$, where `_dual`
-    cancels terms of size $\\varepsilon \\log n$ (0.5 for 0.32 at $10^6$). The error
-    of $g$ (its rounding, about $10^{-7}\\varepsilon$ in float32, and what `tol`
-    leaves) enters at second order only (the semi-dual is stationary at the
-    optimum), after the iteration has contracted it (strongly at large
-    $\\varepsilon$, where float32 Newton steps leave $g$ noisy along flat
-    directions: 1% of the value at $10^8$ without it)."""
-    ma, mb = kernel.mask_a, kernel.mask_b
+    With $M = \\sum a$, $\\beta = b / \\sum b$ and $\\tilde g = g -
+    \\varepsilon\\log b$ centred under $\\beta$: $f'_i = -\\varepsilon\\log\\sum_j
+    \\beta_j e^{(\\tilde g_j - C_{ij})/\\varepsilon}$ (`Kernel.f_mean`), and where
+    every row's exponents span less than 1 ($\\varepsilon$ above the costs' spread)
+    $\\tilde g$ is replaced by $-\\varepsilon\\log\\sum_i (a_i/M) e^{(f'_i -
+    C_{ij})/\\varepsilon}$ (`Kernel.g_mean`): the means by expm1/log1p, so float32
+    keeps their digits at $\\varepsilon \\gg \\max|C|$, where
+    $\\varepsilon\\log a$ alone rounds by more than the costs (0.25 at
+    $\\varepsilon = 10^6$). The error of $g$ (that rounding, and what `tol` leaves)
+    enters the value at second order (the dual is stationary); the extra half
+    iteration contracts it first where it is large (float32 Newton steps leave $g$
+    noisy along flat directions at large $\\varepsilon$: 1% of the value at $10^8$
+    without it). Zero-weight entries get the c-transforms (finite)."""
+    mb = kernel.mask_b
     mass = kernel.rsum(a)
     beta = jnp.where(mb, b, 0) / jnp.sum(b)
     gt = jnp.where(mb, g - eps * safe_log(b), 0)
-    gt = jnp.where(mb, gt - jnp.vdot(beta, gt), 0)
-    fp = jnp.where(ma, kernel.f_mean(gt, b, eps), 0)
-    gpp = jnp.where(mb, kernel.g_mean(fp, a, eps), 0)
+    gt = gt - jnp.vdot(beta, gt)
+    fp, near = kernel.f_mean(gt, b, eps)
+    # the iteration's second half only where it matters (epsilon above the cost's
+    # spread: there Newton's float32 g is noisy); otherwise f' is the exact
+    # c-transform of the centred g. Either way one marginal is exact, which makes
+    # the dual's exponential sum vanish (`_hat_value`).
+    gpp = lax.cond(near, lambda: kernel.g_mean(fp, a, eps), lambda: gt)
+    return fp, gpp, mass
+
+
+def _hat_dual(kernel: Kernel, a, b, eps, fp, gt, mass0):
+    """The dual in the hat potentials: $\\langle a, \\tilde f\\rangle + \\langle b,
+    \\tilde g\\rangle - \\varepsilon\\sum_{ij} a_i b_j\\,\\mathrm{expm1}(L_{ij})$ (the
+    usual $\\langle a, f\\rangle + \\langle b, g\\rangle - \\varepsilon\\sum P +
+    \\varepsilon \\sum a \\sum b - \\varepsilon H(a) - \\varepsilon H(b)$ at
+    $f = \\tilde f + \\varepsilon\\log a$, without its cancelling terms of size
+    $\\varepsilon\\log n$). At the optimum it is $\\langle P, C\\rangle +
+    \\varepsilon\\,\\mathrm{KL}(P\\,\\|\\,ab^T)$. With $\\tilde f = f' -
+    \\varepsilon\\log M_0$ ($M_0$ fixed, like the potentials) the sum is $\\sum a_i
+    b_j\\,\\mathrm{expm1}(L'_{ij}) / M_0 + (1/M_0 - 1)\\sum a \\sum b$, so that no
+    exponent carries $\\log M_0$ (its rounding would cost digits at mass $\\ne 1$)."""
+    # (a, b themselves, zero at zero weights, not masked copies: the derivative in
+    # a zero weight is then the c-transform's, finite, as for the potentials)
+
+    def fn(c, fb, ab):
+        big_l = (fb[:, None] + gt[None, :] - c) / eps
+        return None, jnp.sum(ab[:, None] * b[None, :] * jnp.expm1(big_l))
+
+    _, s = kernel.geom.row_pass(fn, (fp, a))
+    s = sum_devices(s, kernel.axis_name)
+    mass_a = kernel.rsum(a)
     return (
         kernel.rdot(a, fp)
-        + mass * jnp.vdot(beta, gpp)
-        - eps * mass * (jnp.log(mass) + 1 - mass)
+        - eps * jnp.log(mass0) * mass_a
+        + jnp.vdot(b, gt)
+        - eps * (s / mass0 + (1 / mass0 - 1) * mass_a * jnp.sum(b))
     )
+
+
+def _hat_value(kernel: Kernel, a, b, eps, fp, gt, mass0):
+    """`_hat_dual` where one marginal is exact (the sum of expm1 is then 0): no pass
+    over the cost. $M(\\langle\\alpha, f'\\rangle + \\langle\\beta, \\tilde
+    g\\rangle) - \\varepsilon M(\\log M + 1 - M)$ at $M_0 = M$."""
+    mass_a = kernel.rsum(a)
+    return (
+        kernel.rdot(a, fp)
+        - eps * jnp.log(mass0) * mass_a
+        + jnp.vdot(b, gt)
+        - eps * (1 / mass0 - 1) * mass_a * jnp.sum(b)
+    )
+
+
+# phi(L) = L e^L - expm1(L) = sum_{k>=2} (k - 1) L^k / k!, by its series for |L| < 0.1
+# (truncated at k = 10: relative error < 1e-16) where the formula cancels
+_PHI = tuple((k - 1) / float(np.prod(np.arange(1, k + 1))) for k in range(10, 1, -1))
+
+
+def _hat_kl(kernel: Kernel, a, b, eps, fp, gt, mass0):
+    """$\\partial/\\partial\\varepsilon$ of `_hat_dual` at fixed hat potentials,
+    $\\sum_{ij} a_i b_j \\varphi(L_{ij})$, $\\varphi(L) = L e^L - \\mathrm{expm1}(L)
+    \\ge 0$ (at the optimum the generalised $\\mathrm{KL}(P\\,\\|\\,ab^T)$, the
+    derivative of the entropic cost in $\\varepsilon$). Autodiff of `_hat_dual` would
+    subtract two sums of size $|L|$ to get one of size $L^2$: in float32 at
+    $\\varepsilon = 10^4$ that gave $-2\\cdot 10^{-6}$ for $2.5\\cdot 10^{-10}$."""
+
+    def phi(x):
+        small = jnp.abs(x) < 0.1
+        xs = jnp.where(small, x, 0)
+        series = _PHI[0]
+        for coef in _PHI[1:]:
+            series = series * xs + coef
+        xl = jnp.where(small, 1.0, x)
+        return jnp.where(small, series * xs * xs, xl * jnp.exp(xl) - jnp.expm1(xl))
+
+    def fn(c, fb, ab):
+        big_l = (fb[:, None] + gt[None, :] - c) / eps - jnp.log(mass0)
+        return None, jnp.sum(ab[:, None] * b[None, :] * phi(big_l))
+
+    _, s = kernel.geom.row_pass(fn, (fp, a))
+    return sum_devices(s, kernel.axis_name)
 
 
 @jax.custom_jvp
 def dual_value(kernel, a, b, eps, f, g) -> Float[Array, ""]:
-    """Entropic OT cost at the solved potentials: the semi-dual at `g` (accurate
-    at any epsilon, see `_semi_dual`); derivative by Danskin on the dual at
-    (`f`, `g`) (the potentials' tangents are not needed: the dual is stationary in
-    them). `f` must be the c-transform of `g` (the solvers' last update is one)."""
+    """Entropic OT cost at the solved potentials, from the hat potentials of `g`
+    (`_hat_potentials`: accurate at any epsilon, also in float32); `f` (the
+    c-transform of `g`, as the solvers return it) is not used. Derivative by
+    Danskin: the dual is stationary in the potentials, so its partial derivatives
+    at fixed hat potentials are the derivative ($\\partial/\\partial C = P$,
+    $\\partial/\\partial a_i = \\tilde f_i$ + const, $\\partial/\\partial\\varepsilon
+    = \\mathrm{KL}(P\\,\\|\\,ab^T)$ by `_hat_kl`); higher orders differentiate that
+    through the implicit potentials."""
     del f
-    return _semi_dual(kernel, a, b, eps, g)
+    return _hat_value(kernel, a, b, eps, *_hat_potentials(kernel, a, b, eps, g))
 
 
 @dual_value.defjvp
 def _dual_value_jvp(primals, tangents):
     kernel, a, b, eps, f, g = primals
     dk, da, db, deps, _, _ = tangents
+    hat = _hat_potentials(kernel, a, b, eps, g)
     _, tangent = jax.jvp(
-        lambda k, a, b, eps: _dual(k, a, b, eps, f, g),
-        (kernel, a, b, eps),
-        (dk, da, db, deps),
+        lambda k, a, b: _hat_dual(k, a, b, eps, *hat), (kernel, a, b), (dk, da, db)
     )
-    return dual_value(kernel, a, b, eps, f, g), tangent
+    value = _hat_value(kernel, a, b, eps, *hat)
+    return value, tangent + deps * _hat_kl(kernel, a, b, eps, *hat)
 
 
 def gauge(kernel, f, g, a, b):

@@ -110,30 +110,44 @@ class Kernel(eqx.Module):
 
         return self.geom.row_pass(fn)[0]
 
-    def f_mean(self, g, w, eps) -> Float[Array, " n"]:
+    def f_mean(self, g, w, eps) -> tuple[Float[Array, " n"], Bool[Array, ""]]:
         """$-\\varepsilon \\log \\big(\\sum_j w_j e^{(g_j - C_{ij})/\\varepsilon} /
-        \\sum_j w_j\\big)$ over the kept columns: the c-transform against the
-        *normalised* weights `w`, accurate also at $\\varepsilon \\gg |g - C|$
-        (see `_log_mean`). Two exponentials per entry: for values, not for the
-        solvers' loops."""
+        \\sum_j w_j\\big)$ over the kept columns (the c-transform against the
+        *normalised* weights `w`), accurate also at $\\varepsilon \\gg |g - C|$;
+        and whether every row's exponents span less than 1 ("near": there
+        $\\varepsilon$ exceeds the spread of $g - C$).
+
+        A block of near rows sums `expm1` and takes `log1p` (`exp` and `log` would
+        round the mean's distance from 1 away: float32 loses every digit of the
+        costs at $\\varepsilon = 10^6$; with a span below 1 every $e^y \\ge 0.37$, so
+        nothing cancels); other blocks the usual shifted log-sum-exp. One
+        exponential per entry either way (a `lax.cond` per block)."""
         mb = self.mask_b
         wn = jnp.where(mb, w, 0)
         wn = wn / jnp.sum(wn)
 
         def fn(c):
             z = jnp.where(mb[None, :], (g[None, :] - c) / eps, -jnp.inf)
-            top = jnp.max(z, axis=1)
+            top = lax.stop_gradient(jnp.max(z, axis=1))
             top = jnp.where(jnp.isfinite(top), top, 0)
+            low = lax.stop_gradient(jnp.min(jnp.where(mb[None, :], z, top[:, None]), 1))
             y = z - top[:, None]
-            s1 = jnp.sum(wn * jnp.expm1(y), axis=1)
-            s0 = jnp.sum(wn * jnp.exp(y), axis=1)
-            return -eps * (top + _log_mean(s1, s0)), None
+            log_mean = lax.cond(
+                jnp.all(top - low < 1),
+                lambda y: jnp.log1p(jnp.sum(wn * jnp.expm1(y), axis=1)),
+                lambda y: jnp.log(jnp.sum(wn * jnp.exp(y), axis=1)),
+                y,
+            )
+            return (-eps * (top + log_mean), top - low), None
 
-        return self.geom.row_pass(fn)[0]
+        (fp, span), _ = self.geom.row_pass(fn)
+        return fp, self.rall(span < 1)
 
     def g_mean(self, f, w, eps) -> Float[Array, " m"]:
         """The same over the kept rows (the column c-transform against the
-        normalised `w`): one pass for the columns' maxima, one for the sums."""
+        normalised `w`), by expm1/log1p or exp/log per column (`_log_mean`): one
+        pass for the columns' maxima, one for the sums (two exponentials per
+        entry: used where `f_mean` found every row near)."""
         ma = self.mask_a
         wn = jnp.where(ma, w, 0)
         wn = wn / self.rsum(wn)
@@ -144,7 +158,7 @@ class Kernel(eqx.Module):
         _, top = self.geom.row_pass(
             lambda c, fb, ok: (None, jnp.max(z(c, fb, ok), axis=0)), (f, ma), "max"
         )
-        top = _across(top, "max", self.axis_name)
+        top = lax.stop_gradient(_across(top, "max", self.axis_name))
         top = jnp.where(jnp.isfinite(top), top, 0)
 
         def sums(c, fb, ok, wb):
