@@ -12,6 +12,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.custom_derivatives import SymbolicZero, zero_from_primal
 from jaxtyping import Array, Float
 
 from jaxdecomp._misc import default_tol
@@ -145,16 +146,28 @@ def dual_value(kernel, a, b, eps, f, g) -> Float[Array, ""]:
     return _hat_value(kernel, a, b, eps, *_hat_potentials(kernel, a, b, eps, g))
 
 
-@dual_value.defjvp
 def _dual_value_jvp(primals, tangents):
     kernel, a, b, eps, f, g = primals
     dk, da, db, deps, _, _ = tangents
     hat = _hat_potentials(kernel, a, b, eps, g)
+
+    def instantiate(t, p):
+        return zero_from_primal(p) if isinstance(t, SymbolicZero) else t
+
+    is_zero = lambda t: isinstance(t, SymbolicZero)  # noqa: E731
+    dk, da, db = jtu.tree_map(
+        instantiate, (dk, da, db), (kernel, a, b), is_leaf=is_zero
+    )
     _, tangent = jax.jvp(
         lambda k, a, b: _hat_dual(k, a, b, eps, *hat), (kernel, a, b), (dk, da, db)
     )
     value = _hat_value(kernel, a, b, eps, *hat)
-    return value, tangent + deps * _hat_kl(kernel, a, b, eps, *hat)
+    if not isinstance(deps, SymbolicZero):  # (a pass over the cost: only if needed)
+        tangent = tangent + deps * _hat_kl(kernel, a, b, eps, *hat)
+    return value, tangent
+
+
+dual_value.defjvp(_dual_value_jvp, symbolic_zeros=True)
 
 
 def gauge(kernel, f, g, a, b):
