@@ -149,11 +149,12 @@ def check_schedule(epsilon_schedule, fn):
 
 
 def schedule(epsilon_schedule, kernel, eps, cmax=None):
-    """(first epsilon, decay factor) of the continuation; (eps, 1) for none. Not
-    differentiated (the solution does not depend on the path). `cmax`: max |C| if
-    already known (one pass over the cost less, which online is a full recompute)."""
+    """(first epsilon, decay factor, max |C| or None) of the continuation; (eps, 1,
+    cmax) for none. Not differentiated (the solution does not depend on the path).
+    `cmax`: max |C| if already known (one pass over the cost less, which online is a
+    full recompute); returned, computed if the schedule needed it."""
     if epsilon_schedule is None:
-        return eps, 1.0
+        return eps, 1.0, cmax
     if epsilon_schedule == "auto":
         if cmax is None:
             cmax = kernel.cost_stats()[0]
@@ -161,7 +162,8 @@ def schedule(epsilon_schedule, kernel, eps, cmax=None):
         init, decay = 0.05 * cmax, 0.25
     else:
         init, decay = epsilon_schedule
-    return jnp.maximum(jnp.asarray(init, eps.dtype), lax.stop_gradient(eps)), decay
+    first = jnp.maximum(jnp.asarray(init, eps.dtype), lax.stop_gradient(eps))
+    return first, decay, cmax
 
 
 def solve(
@@ -182,7 +184,8 @@ def solve(
     """The shared driver: check the input, run `loop(kernel, a, b, eps, g0, tol=...,
     eps_init=..., decay=..., **loop_options) -> (f, g, (steps, newton_steps,
     error, stalled))` under implicit differentiation (or directly, if not
-    `implicit`), then gauge-fix, build the [`solvers.OTSolution`][] and raise on
+    `implicit`; `cmax`: max |C| when a pass already gave it, else None), then
+    gauge-fix, build the [`solvers.OTSolution`][] and raise on
     failure if `throw`. A warm start `init` skips the epsilon continuation."""
     kernel, a, b, eps, result, cmax = prepare(geom, a, b, epsilon, fn)
     tol = default_tol(kernel.geom.dtype, 0.5) if tol is None else tol
@@ -195,9 +198,18 @@ def solve(
         # `init` = (g0, cmax): passed as an argument (not differentiated), not
         # closed over, since `run` is a nondiff argument of a custom_jvp
         g0, cmax = init
-        first, decay = schedule(epsilon_schedule, kernel, eps, cmax)
+        first, decay, cmax = schedule(epsilon_schedule, kernel, eps, cmax)
         return loop(
-            kernel, a, b, eps, g0, tol=tol, eps_init=first, decay=decay, **loop_options
+            kernel,
+            a,
+            b,
+            eps,
+            g0,
+            tol=tol,
+            eps_init=first,
+            decay=decay,
+            cmax=cmax,
+            **loop_options,
         )
 
     # Every tolerance is relative to the total mass: the loops solve the problem

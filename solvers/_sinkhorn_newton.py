@@ -112,7 +112,9 @@ def _newton_loop(
     k,
     kept_mass,
     cg_max_steps,
+    cmax,
 ):
+    del cmax  # (the stall rule here needs no level)
     log_a, log_b = safe_log(a), safe_log(b)
     ma, mb = kernel.mask_a, kernel.mask_b
     dtype = a.dtype

@@ -23,8 +23,8 @@ class RESULTS(eqx.Enumeration):
     stalled = (
         "Sinkhorn: the marginal error stopped decreasing above `tol` (sinkhorn_newton: "
         "50 Newton steps at the final epsilon without halving it; sinkhorn: 200 steps "
-        "near the rounding level). In float32 at small epsilon this is the dtype's "
-        "accuracy floor: use float64 or a larger tol."
+        "without a 5% gain, near the rounding level). In float32 at small epsilon "
+        "this is the dtype's accuracy floor: use float64 or a larger tol."
     )
     nonfinite_input = (
         "The input (cost matrix, points, right-hand side) contains NaN or inf."
