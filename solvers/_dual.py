@@ -60,37 +60,22 @@ def _hat_potentials(kernel: Kernel, a, b, eps, g):
     return fp, gpp, mass
 
 
-def _hat_dual(kernel: Kernel, a, b, eps, fp, gt, mass0):
-    """The dual in the hat potentials: $\\langle a, \\tilde f\\rangle + \\langle b,
-    \\tilde g\\rangle - \\varepsilon\\sum_{ij} a_i b_j\\,\\mathrm{expm1}(L_{ij})$ (the
-    usual $\\langle a, f\\rangle + \\langle b, g\\rangle - \\varepsilon\\sum P +
-    \\varepsilon \\sum a \\sum b - \\varepsilon H(a) - \\varepsilon H(b)$ at
-    $f = \\tilde f + \\varepsilon\\log a$, without its cancelling terms of size
-    $\\varepsilon\\log n$). At the optimum it is $\\langle P, C\\rangle +
-    \\varepsilon\\,\\mathrm{KL}(P\\,\\|\\,ab^T)$. With $\\tilde f = f' -
-    \\varepsilon\\log M_0$ ($M_0$ fixed, like the potentials) the sum is $\\sum a_i
-    b_j\\,\\mathrm{expm1}(L'_{ij}) / M_0 + (1/M_0 - 1)\\sum a \\sum b$, so that no
-    exponent carries $\\log M_0$ (its rounding would cost digits at mass $\\ne 1$)."""
-    # (a, b themselves, zero at zero weights, not masked copies: the derivative in
-    # a zero weight is then the c-transform's, finite, as for the potentials)
+def _pair_sum(kernel: Kernel, a, b, eps, fp, gt, shift, phi):
+    """$\\sum_{ij} a_i b_j\\,\\varphi(L'_{ij} - \\mathrm{shift})$, $L'_{ij} = (f'_i +
+    \\tilde g_j - C_{ij})/\\varepsilon$, in one pass over the cost. (`a`, `b`
+    themselves, zero at zero weights, not masked copies: the derivative in a zero
+    weight is then the c-transform's, finite, as for the potentials.)"""
 
     def fn(c, fb, ab):
-        big_l = (fb[:, None] + gt[None, :] - c) / eps
-        return None, jnp.sum(ab[:, None] * b[None, :] * jnp.expm1(big_l))
+        big_l = (fb[:, None] + gt[None, :] - c) / eps - shift
+        return None, jnp.sum(ab[:, None] * b[None, :] * phi(big_l))
 
     _, s = kernel.geom.row_pass(fn, (fp, a))
-    s = sum_devices(s, kernel.axis_name)
-    mass_a = kernel.rsum(a)
-    return (
-        kernel.rdot(a, fp)
-        - eps * jnp.log(mass0) * mass_a
-        + jnp.vdot(b, gt)
-        - eps * (s / mass0 + (1 / mass0 - 1) * mass_a * jnp.sum(b))
-    )
+    return sum_devices(s, kernel.axis_name)
 
 
 def _hat_value(kernel: Kernel, a, b, eps, fp, gt, mass0):
-    """`_hat_dual` where one marginal is exact (the sum of expm1 is then 0): no pass
+    """`_hat_dual` where one marginal is exact (its sum of expm1 is then 0): no pass
     over the cost. $M(\\langle\\alpha, f'\\rangle + \\langle\\beta, \\tilde
     g\\rangle) - \\varepsilon M(\\log M + 1 - M)$ at $M_0 = M$."""
     mass_a = kernel.rsum(a)
@@ -102,9 +87,34 @@ def _hat_value(kernel: Kernel, a, b, eps, fp, gt, mass0):
     )
 
 
+def _hat_dual(kernel: Kernel, a, b, eps, fp, gt, mass0):
+    """The dual in the hat potentials: $\\langle a, \\tilde f\\rangle + \\langle b,
+    \\tilde g\\rangle - \\varepsilon\\sum_{ij} a_i b_j\\,\\mathrm{expm1}(L_{ij})$ (the
+    usual $\\langle a, f\\rangle + \\langle b, g\\rangle - \\varepsilon\\sum P +
+    \\varepsilon \\sum a \\sum b - \\varepsilon H(a) - \\varepsilon H(b)$ at
+    $f = \\tilde f + \\varepsilon\\log a$, without its cancelling terms of size
+    $\\varepsilon\\log n$). At the optimum it is $\\langle P, C\\rangle +
+    \\varepsilon\\,\\mathrm{KL}(P\\,\\|\\,ab^T)$. With $\\tilde f = f' -
+    \\varepsilon\\log M_0$ ($M_0$ fixed, like the potentials) the sum is $\\sum a_i
+    b_j\\,\\mathrm{expm1}(L'_{ij}) / M_0 + (1/M_0 - 1)\\sum a \\sum b$, so that no
+    exponent carries $\\log M_0$ (its rounding would cost digits at mass $\\ne 1$)."""
+    s = _pair_sum(kernel, a, b, eps, fp, gt, 0.0, jnp.expm1)
+    return _hat_value(kernel, a, b, eps, fp, gt, mass0) - eps * s / mass0
+
+
 # phi(L) = L e^L - expm1(L) = sum_{k>=2} (k - 1) L^k / k!, by its series for |L| < 0.1
 # (truncated at k = 10: relative error < 1e-16) where the formula cancels
 _PHI = tuple((k - 1) / float(np.prod(np.arange(1, k + 1))) for k in range(10, 1, -1))
+
+
+def _phi(x):
+    small = jnp.abs(x) < 0.1
+    xs = jnp.where(small, x, 0)
+    series = _PHI[0]
+    for coef in _PHI[1:]:
+        series = series * xs + coef
+    xl = jnp.where(small, 1.0, x)
+    return jnp.where(small, series * xs * xs, xl * jnp.exp(xl) - jnp.expm1(xl))
 
 
 def _hat_kl(kernel: Kernel, a, b, eps, fp, gt, mass0):
@@ -114,22 +124,7 @@ def _hat_kl(kernel: Kernel, a, b, eps, fp, gt, mass0):
     derivative of the entropic cost in $\\varepsilon$). Autodiff of `_hat_dual` would
     subtract two sums of size $|L|$ to get one of size $L^2$: in float32 at
     $\\varepsilon = 10^4$ that gave $-2\\cdot 10^{-6}$ for $2.5\\cdot 10^{-10}$."""
-
-    def phi(x):
-        small = jnp.abs(x) < 0.1
-        xs = jnp.where(small, x, 0)
-        series = _PHI[0]
-        for coef in _PHI[1:]:
-            series = series * xs + coef
-        xl = jnp.where(small, 1.0, x)
-        return jnp.where(small, series * xs * xs, xl * jnp.exp(xl) - jnp.expm1(xl))
-
-    def fn(c, fb, ab):
-        big_l = (fb[:, None] + gt[None, :] - c) / eps - jnp.log(mass0)
-        return None, jnp.sum(ab[:, None] * b[None, :] * phi(big_l))
-
-    _, s = kernel.geom.row_pass(fn, (fp, a))
-    return sum_devices(s, kernel.axis_name)
+    return _pair_sum(kernel, a, b, eps, fp, gt, jnp.log(mass0), _phi)
 
 
 @jax.custom_jvp

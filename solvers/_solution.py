@@ -132,12 +132,13 @@ class OTSolution(eqx.Module):
     @property
     def reg_ot_cost(self) -> Float[Array, ""]:
         """Entropic OT cost $\\langle P, C\\rangle + \\varepsilon\\,
-        \\mathrm{KL}(P \\,\\|\\, a b^T)$, evaluated by the semi-dual at `g`
-        without the $\\varepsilon \\log a$ the potentials carry (accurate in
-        float32 also at $\\varepsilon \\gg \\max|C|$, see docs/sinkhorn.md). Its first
-        derivatives are Danskin's (no linear solve): $\\partial/\\partial C = P$,
-        $\\partial/\\partial a = f - \\varepsilon\\log a$ (up to a constant), and
-        second derivatives go through the implicit potentials."""
+        \\mathrm{KL}(P \\,\\|\\, a b^T)$, evaluated from potentials without the
+        $\\varepsilon \\log a$ that `f`, `g` carry (accurate in float32 also at
+        $\\varepsilon \\gg \\max|C|$, see docs/sinkhorn.md). Its first derivatives
+        are Danskin's (no linear solve): $\\partial/\\partial C = P$,
+        $\\partial/\\partial a = f - \\varepsilon\\log a$ (up to a constant),
+        $\\partial/\\partial\\varepsilon = \\mathrm{KL}(P\\,\\|\\,ab^T)$, and second
+        derivatives go through the implicit potentials."""
         return dual_value(self._kernel, self.a, self.b, self.epsilon, self.f, self.g)
 
     @property

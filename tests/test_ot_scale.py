@@ -710,6 +710,17 @@ _SHARDED = textwrap.dedent(
             cost=float(max(abs(c - ref.reg_ot_cost), abs(c_vma - ref.reg_ot_cost))),
             grad=float(np.max(np.abs(np.asarray(gx) - np.asarray(ref_grad)))),
             steps=[int(steps), int(ref.n_steps)], sharded=str(f.sharding.spec))
+    # epsilon above the costs' spread: reg_ot_cost's column update (pmax / psum
+    # over the devices) and its derivative in epsilon
+    def big(x, y, a, b, e, axis=None):
+        return solvers.sinkhorn(solvers.PointCloud(x, y, axis_name=axis), a, b,
+                                epsilon=e).reg_ot_cost
+    ref_v, ref_d = jax.value_and_grad(big, argnums=4)(x, y, a, b, 100.0)
+    big_sharded = jax.shard_map(
+        functools.partial(big, axis="i"), mesh=mesh,
+        in_specs=(P("i"), P(), P("i"), P(), P()), out_specs=P(), check_vma=False)
+    v, d = jax.jit(jax.value_and_grad(big_sharded, argnums=4))(*args, 100.0)
+    out_big = [float(abs(v - ref_v) / abs(ref_v)), float(abs(d - ref_d) / abs(ref_d))]
     # a failed solve raises under check_vma=True too (the check on a scalar token)
     fail = jax.jit(jax.shard_map(
         lambda x, y: solvers.sinkhorn(solvers.PointCloud(x, y, axis_name="i"),
@@ -720,6 +731,7 @@ _SHARDED = textwrap.dedent(
         out["raised"] = False
     except Exception as e:
         out["raised"] = "max_steps" in str(e)
+    out["large_epsilon"] = out_big
     print(json.dumps(out))
     """
 )
@@ -742,6 +754,8 @@ def test_rows_sharded_over_8_devices_match_one_device():
 
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out.pop("raised") is True
+    value_err, d_eps_err = out.pop("large_epsilon")
+    assert value_err < 1e-13 and d_eps_err < 1e-9, (value_err, d_eps_err)
     for name, r in out.items():
         assert r["f"] < 1e-12 and r["g"] < 1e-12 and r["cost"] < 1e-13, (name, r)
         assert r["grad"] < 1e-12, (name, r)

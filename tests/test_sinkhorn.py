@@ -171,6 +171,28 @@ def test_check_grads_marginals_and_epsilon():
     )
 
 
+def test_check_grads_at_large_epsilon():
+    # epsilon 20 is above the costs' spread (<= 2): reg_ot_cost then takes the
+    # expm1/log1p means, the extra column update and the series for d/d epsilon;
+    # their derivatives, both modes, order 2, in the points, weights and epsilon
+    x, y, a, b = problem(5, 6)
+
+    def cost(x, wa, wb, eps):
+        geom = solvers.PointCloud(x, jnp.asarray(y))
+        return solvers.sinkhorn(
+            geom, wa / wa.sum(), wb / wb.sum(), epsilon=eps, tol=1e-13
+        ).reg_ot_cost
+
+    check_grads(
+        jax.jit(cost),
+        (jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), 20.0),
+        order=2,
+        modes=("fwd", "rev"),
+        atol=1e-6,
+        rtol=1e-6,
+    )
+
+
 def test_gradient_of_potentials_is_gauge_safe():
     # OTT-JAX fails on grad(out.f.sum()); here it is finite and matches finite
     # differences (the gauge <a, f> = <b, g> is differentiated along).
