@@ -12,12 +12,12 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jax.custom_derivatives import SymbolicZero, zero_from_primal
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float
 
 from jaxdecomp._misc import default_tol
 
-from ._geometry import error_if_devices, sum_devices
+from ._geometry import error_if_devices, invariant, sum_devices, varying
 from ._kernel import Kernel
 from ._misc import pcg
 
@@ -25,6 +25,45 @@ from ._misc import pcg
 def safe_log(w):
     """log w, with 0 at w = 0 (the convention for zero weights)."""
     return jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1)), 0)
+
+
+def _is_zero(t):
+    return isinstance(t, SymbolicZero) or (
+        isinstance(t, (jax.Array, np.ndarray)) and t.dtype == jax.dtypes.float0
+    )
+
+
+def jvp_live(fn, primals, tangents, has_aux=False):
+    """`jax.jvp(fn, primals, tangents)` where the tangents may hold symbolic zeros
+    (or float0 leaves): those leaves are held fixed instead of being instantiated as
+    arrays of zeros. Cheaper, and it avoids a JAX 0.10 defect: inside `jax.shard_map`
+    under `jax.jit`, a zero tangent instantiated for a replicated input (the cloud
+    `y` when only `x` is differentiated) made forward-mode derivatives NaN or
+    garbage (1e258; reduced: `jnp.maximum(x @ y.T, 0.3)` with a zero `dy`).
+    Returns `(out, tangent_out[, aux])`; no live tangent: zeros."""
+    p_leaves, tree = jtu.tree_flatten(primals)
+    t_leaves = jtu.tree_leaves(tangents, is_leaf=_is_zero)
+    if len(t_leaves) != len(p_leaves):
+        raise AssertionError("jvp_live: tangents do not match the primals")
+    live = [i for i, t in enumerate(t_leaves) if not _is_zero(t)]
+
+    def partial_fn(*live_p):
+        leaves = list(p_leaves)
+        for i, v in zip(live, live_p):
+            leaves[i] = v
+        return fn(*jtu.tree_unflatten(tree, leaves))
+
+    args = [p_leaves[i] for i in live]
+    dargs = [t_leaves[i] for i in live]
+    if has_aux:
+        if not live:
+            out, aux = fn(*primals)
+            return out, jtu.tree_map(jnp.zeros_like, out), aux
+        return jax.jvp(partial_fn, args, dargs, has_aux=True)
+    if not live:
+        out = fn(*primals)
+        return out, jtu.tree_map(jnp.zeros_like, out)
+    return jax.jvp(partial_fn, args, dargs)
 
 
 def _hat_potentials(kernel: Kernel, a, b, eps, g):
@@ -146,14 +185,7 @@ def _dual_value_jvp(primals, tangents):
     dk, da, db, deps, _, _ = tangents
     hat = _hat_potentials(kernel, a, b, eps, g)
 
-    def instantiate(t, p):
-        return zero_from_primal(p) if isinstance(t, SymbolicZero) else t
-
-    is_zero = lambda t: isinstance(t, SymbolicZero)  # noqa: E731
-    dk, da, db = jtu.tree_map(
-        instantiate, (dk, da, db), (kernel, a, b), is_leaf=is_zero
-    )
-    _, tangent = jax.jvp(
+    _, tangent = jvp_live(
         lambda k, a, b: _hat_dual(k, a, b, eps, *hat), (kernel, a, b), (dk, da, db)
     )
     value = _hat_value(kernel, a, b, eps, *hat)
@@ -195,47 +227,58 @@ def _tangent(throw, kernel, a, b, eps, f, g, dk, da, db, deps):
     # deps / eps), so the linearised constraints' right-hand sides are
     # eps (da - d(P1)) and eps (db - d(P^T 1)): one pass, forward mode (the
     # primal plan comes back as the aux, formed once).
-    (r, col), (dr, dcol), plan = jax.jvp(
+    (r, col), (dr, dcol), plan = jvp_live(
         marginals, (kernel, eps), (dk, deps), has_aux=True
     )
     r = jnp.where(ma, r, 1)
-    u = eps * (jnp.where(ma, da, 0) - dr)
-    v = eps * (jnp.where(mb, db, 0) - dcol)
+    u = eps * (-dr if _is_zero(da) else jnp.where(ma, da, 0) - dr)
+    v = eps * (-dcol if _is_zero(db) else jnp.where(mb, db, 0) - dcol)
     m_kept = jnp.sum(mb).astype(r.dtype)
     rhs = jnp.where(mb, v - plan.rmv(u / r), 0)
     # Only mass-preserving perturbations keep the problem balanced: drop the rest.
     rhs = jnp.where(mb, rhs - jnp.sum(rhs) / m_kept, 0)
     shift = jnp.sum(col) / m_kept
+    inv_diag = 1.0 / (col - plan.sq_rmv(1.0 / r) + jnp.where(mb, shift / m_kept, shift))
+    tol = jnp.asarray(default_tol(r.dtype, 2 / 3), r.dtype)
+    m = col.shape[0]
+    # Inside shard_map with check_vma=True the solve runs typed as varying (every
+    # device runs the same one, on identical values): custom_linear_solve lifts its
+    # right-hand side and its operator's data to the union of their varying axes
+    # after tracing them with the unlifted types, which breaks its derivatives, so
+    # all of them are varying from the start; `invariant` types the solution as
+    # replicated again. Without an axis (or with check_vma=False) nothing changes.
+    axis = kernel.axis_name
+    op = varying((plan, r, col, shift, m_kept, mb, inv_diag, tol), axis)
 
     def matvec(x):
+        plan, r, col, shift, m_kept, mb, _, _ = op
         gauge_term = shift * jnp.where(mb, jnp.sum(jnp.where(mb, x, 0)) / m_kept, x)
         return col * x - plan.rmv(plan.mv(x) / r) + gauge_term
 
-    inv_diag = 1.0 / (col - plan.sq_rmv(1.0 / r) + jnp.where(mb, shift / m_kept, shift))
-    tol = default_tol(r.dtype, 2 / 3)
-    m = col.shape[0]
-
     def solve(matvec, rhs):
+        inv_diag, tol = op[-2:]
         y, _, converged = pcg(matvec, rhs, inv_diag, tol, 10 * m)
         if throw:
             return error_if_devices(
                 y,
                 ~converged,
                 lambda y, bad: eqx.error_if(y, bad, _TANGENT_FAILED),
-                kernel.axis_name,
+                axis,
             )
         return jnp.where(converged, y, jnp.nan)
 
-    dg = lax.custom_linear_solve(matvec, rhs, solve, symmetric=True)
+    dg = invariant(
+        lax.custom_linear_solve(matvec, varying(rhs, axis), solve, symmetric=True), axis
+    )
     df = (u - plan.mv(dg)) / r
 
     def c_transforms(df, dg):
         # zero-weight rows: f_i = f_hat_i(g); columns: g_j = g_hat_j(f)
-        _, df_hat = jax.jvp(
+        _, df_hat = jvp_live(
             lambda g, k, e: k.f_hat(g, e), (g, kernel, eps), (dg, dk, deps)
         )
         df = jnp.where(ma, df, df_hat)
-        _, dg_hat = jax.jvp(
+        _, dg_hat = jvp_live(
             lambda f, k, e: k.g_hat(f, e), (f, kernel, eps), (df, dk, deps)
         )
         return df, jnp.where(mb, dg, dg_hat)
@@ -259,7 +302,6 @@ def implicit_solve(run: Callable, throw: bool, kernel, a, b, eps, init):
     return run(kernel, a, b, eps, init)
 
 
-@implicit_solve.defjvp
 def _implicit_solve_jvp(run, throw, primals, tangents):
     kernel, a, b, eps, init = primals
     dk, da, db, deps, _ = tangents
@@ -267,3 +309,8 @@ def _implicit_solve_jvp(run, throw, primals, tangents):
     f, g, aux = out
     df, dg = _tangent(throw, kernel, a, b, eps, f, g, dk, da, db, deps)
     return out, (df, dg, jtu.tree_map(_zero_tangent, aux))
+
+
+# symbolic zeros: the tangents of inputs that are not differentiated stay symbolic
+# (`jvp_live` holds them fixed instead of forming zeros)
+implicit_solve.defjvp(_implicit_solve_jvp, symbolic_zeros=True)

@@ -141,7 +141,30 @@ def varying(tree, axis_name):
     the device's rows (needed with `check_vma=True`; unchanged without an axis)."""
     if axis_name is None:
         return tree
-    return jtu.tree_map(lambda v: lax.pcast(v, (axis_name,), to="varying"), tree)
+
+    def cast(v):
+        if not isinstance(v, jax.Array) or axis_name in jax.typeof(v).mat.varying:
+            return v
+        return lax.pcast(v, (axis_name,), to="varying")
+
+    return jtu.tree_map(cast, tree)
+
+
+def invariant(v, axis_name):
+    """A column quantity that every device computed identically, typed as replicated
+    again inside `jax.shard_map` with `check_vma=True`.
+
+    `lax.custom_linear_solve` types its solution as varying as soon as the operator
+    closes over row-local values (JAX lifts the right-hand side to the union of its
+    arguments' varying axes), although every device runs the same solve. The mean
+    over the devices (`psum / count`: exact for identical values up to the sum's
+    rounding) gives the replicated type, and its transpose hands every device the
+    same cotangent, so reverse mode solves the same system everywhere and the lifted
+    right-hand side's transpose (`psum`) adds the devices' shares back up. Unchanged
+    where the value is not typed varying (no axis, or `check_vma=False`)."""
+    if axis_name is None or axis_name not in jax.typeof(v).mat.varying:
+        return v
+    return lax.psum(v, axis_name) / lax.psum(1, axis_name)
 
 
 def error_if_devices(tree, pred, raise_if, axis_name):

@@ -158,7 +158,8 @@ class Kernel(eqx.Module):
         _, top = self.geom.row_pass(
             lambda c, fb, ok: (None, jnp.max(z(c, fb, ok), axis=0)), (f, ma), "max"
         )
-        top = lax.stop_gradient(_across(top, "max", self.axis_name))
+        # the shift only stabilises: no derivative (and pmax has no rule)
+        top = _across(lax.stop_gradient(top), "max", self.axis_name)
         top = jnp.where(jnp.isfinite(top), top, 0)
 
         def sums(c, fb, ok, wb):
@@ -194,7 +195,8 @@ class Kernel(eqx.Module):
             lambda c: (jnp.max(jnp.abs(c), axis=1), (jnp.sum(c), jnp.sum(c * c)))
         )
         s1, s2 = _across((s1, s2), "sum", self.axis_name)
-        mx = _across(jnp.max(mx), "max", self.axis_name)
+        # (a level for thresholds: not differentiated, and pmax has no rule)
+        mx = _across(lax.stop_gradient(jnp.max(mx)), "max", self.axis_name)
         size = jnp.asarray(self.rows_total() * self.geom.shape[1], s1.dtype)
         mean = s1 / size
         return mx, mean, jnp.sqrt(jnp.maximum(s2 / size - mean**2, 0))

@@ -681,34 +681,54 @@ _SHARDED = textwrap.dedent(
             geom = solvers.PointCloud(x, y, batch_size=bs, axis_name="i")
             return solve(geom, a if name == "dense" else None, b, epsilon=1e-2)
 
-        # check_vma=False for the gradient (the tangent solves do not carry
-        # shard_map's varying-axis types yet); values also run with the default
-        # check_vma=True below. Differentiate outside the shard_map (inside, with
-        # check_vma=False, psum's transpose would scale the gradient).
+        # shard_map's default replication checks (check_vma=True): values,
+        # gradients taken outside and inside the shard_map, a jvp, and second order
+        # (forward over reverse in x, reverse over reverse in y)
+        specs = (P("i"), P(), P("i"), P())
+
         @jax.jit
-        @functools.partial(
-            jax.shard_map, mesh=mesh, in_specs=(P("i"), P(), P("i"), P()),
-            out_specs=(P("i"), P(), P(), P()), check_vma=False)
+        @functools.partial(jax.shard_map, mesh=mesh, in_specs=specs,
+                           out_specs=(P("i"), P(), P(), P()))
         def sharded(x, y, a, b):
             sol = solve_sharded(x, y, a, b)
             return sol.f, sol.g, sol.reg_ot_cost, sol.n_steps
 
-        cost = jax.shard_map(
-            lambda *args: solve_sharded(*args).reg_ot_cost, mesh=mesh,
-            in_specs=(P("i"), P(), P("i"), P()), out_specs=P(), check_vma=False)
+        def cost(x, y, a, b):
+            return solve_sharded(x, y, a, b).reg_ot_cost
+
+        cost_sh = jax.shard_map(cost, mesh=mesh, in_specs=specs, out_specs=P())
         args = (jax.device_put(x, rows), jax.device_put(y, whole),
                 jax.device_put(a, rows), jax.device_put(b, whole))
         f, g, c, steps = sharded(*args)
-        gx = jax.jit(jax.grad(cost))(*args)
-        # values also under shard_map's default replication checks (check_vma=True)
-        c_vma = jax.jit(jax.shard_map(
-            lambda *args: solve_sharded(*args).reg_ot_cost, mesh=mesh,
-            in_specs=(P("i"), P(), P("i"), P()), out_specs=P()))(*args)
+        gx = jax.jit(jax.grad(cost_sh))(*args)
+        gx_in, gy_in = jax.jit(jax.shard_map(
+            jax.grad(cost, argnums=(0, 1)), mesh=mesh, in_specs=specs,
+            out_specs=(P("i"), P())))(*args)
+        ref_cost = lambda x, y: solve(  # noqa: E731
+            solvers.PointCloud(x, y, batch_size=bs), wa, b, epsilon=1e-2).reg_ot_cost
+        ref_gy = jax.grad(ref_cost, argnums=1)(x, y)
+        tx = jnp.asarray(rng.normal(size=x.shape))
+        jv = jax.jit(lambda *p: jax.jvp(lambda x: cost_sh(x, *p[1:]), (p[0],),
+                                        (jax.device_put(tx, rows),))[1])(*args)
+        ref_jv = jax.jvp(lambda x: ref_cost(x, y), (x,), (tx,))[1]
+        hv = jax.jit(lambda *p: jax.jvp(lambda x: jax.grad(cost_sh)(x, *p[1:]),
+                                        (p[0],), (jax.device_put(tx, rows),))[1])(*args)
+        ref_hv = jax.jvp(lambda x: jax.grad(ref_cost)(x, y), (x,), (tx,))[1]
+        gg = jax.jit(jax.grad(lambda y, x, a, b: jnp.sum(
+            jax.grad(cost_sh, argnums=1)(x, y, a, b) ** 2)))(*args[1::-1], *args[2:])
+        ref_gg = jax.grad(
+            lambda y: jnp.sum(jax.grad(ref_cost, argnums=1)(x, y) ** 2))(y)
+        # and gradients with check_vma=False, taken outside the shard_map (inside,
+        # JAX transposes psum into psum and scales them by the device count)
+        gx_novma = jax.jit(jax.grad(jax.shard_map(
+            cost, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)))(*args)
+        err = lambda u, v: float(np.max(np.abs(np.asarray(u) - np.asarray(v))))  # noqa
+        rel = lambda u, v: err(u, v) / float(np.max(np.abs(np.asarray(v))))  # noqa
         out[name] = dict(
-            f=float(np.max(np.abs(np.asarray(f) - np.asarray(ref.f)))),
-            g=float(np.max(np.abs(np.asarray(g) - np.asarray(ref.g)))),
-            cost=float(max(abs(c - ref.reg_ot_cost), abs(c_vma - ref.reg_ot_cost))),
-            grad=float(np.max(np.abs(np.asarray(gx) - np.asarray(ref_grad)))),
+            f=err(f, ref.f), g=err(g, ref.g), cost=float(abs(c - ref.reg_ot_cost)),
+            grad=max(err(gx, ref_grad), err(gx_in, ref_grad), err(gx_novma, ref_grad),
+                     err(gy_in, ref_gy)),
+            jvp=rel(jv, ref_jv), hvp=rel(hv, ref_hv), rev_rev=rel(gg, ref_gg),
             steps=[int(steps), int(ref.n_steps)], sharded=str(f.sharding.spec))
     # epsilon above the costs' spread: reg_ot_cost's column update (pmax / psum
     # over the devices) and its derivative in epsilon
@@ -718,7 +738,7 @@ _SHARDED = textwrap.dedent(
     ref_v, ref_d = jax.value_and_grad(big, argnums=4)(x, y, a, b, 100.0)
     big_sharded = jax.shard_map(
         functools.partial(big, axis="i"), mesh=mesh,
-        in_specs=(P("i"), P(), P("i"), P(), P()), out_specs=P(), check_vma=False)
+        in_specs=(P("i"), P(), P("i"), P(), P()), out_specs=P())
     v, d = jax.jit(jax.value_and_grad(big_sharded, argnums=4))(*args, 100.0)
     out_big = [float(abs(v - ref_v) / abs(ref_v)), float(abs(d - ref_d) / abs(ref_d))]
     # a failed solve raises under check_vma=True too (the check on a scalar token)
@@ -759,5 +779,6 @@ def test_rows_sharded_over_8_devices_match_one_device():
     for name, r in out.items():
         assert r["f"] < 1e-12 and r["g"] < 1e-12 and r["cost"] < 1e-13, (name, r)
         assert r["grad"] < 1e-12, (name, r)
+        assert r["jvp"] < 1e-12 and r["hvp"] < 1e-11 and r["rev_rev"] < 1e-11, (name, r)
         assert r["steps"][0] == r["steps"][1], (name, r)
         assert "i" in r["sharded"], (name, r)
