@@ -74,11 +74,21 @@ def worker(cfg: dict) -> dict:
     out = {"rss_start_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if cfg["impl"] == "ours":
         devices = cfg.get("devices", 1)
+        k = cfg.get("k", 64)
+        if k == "auto":  # chosen outside the jit (it measures the cost's sample)
+            t0 = time.perf_counter()
+            k = max(64, solvers.sparse_k(solvers.PointCloud(x, y), epsilon=EPS))
+            out["k"], out["k_s"] = k, time.perf_counter() - t0
 
         def solve(x, y, axis_name=None):
             geom = solvers.PointCloud(x, y, batch_size=bs, axis_name=axis_name)
             return solvers.sinkhorn_newton(
-                geom, epsilon=eps, tol=tol, hessian=cfg["hessian"], throw=False
+                geom,
+                epsilon=eps,
+                tol=tol,
+                hessian=cfg["hessian"],
+                k=k,
+                throw=False,
             )
 
         if devices > 1:
@@ -94,7 +104,6 @@ def worker(cfg: dict) -> dict:
                 mesh=mesh,
                 in_specs=(P("i"), P()),
                 out_specs=(P("i"), P(), P(), P()),
-                check_vma=False,
             )
             def fn(x, y):
                 o = solve(x, y, "i")

@@ -333,15 +333,18 @@ def test_reg_ot_cost_float32_at_any_epsilon(name, batch_size):
                 assert err <= 1e-4, (name_, mass, eps, err)
 
 
-def test_select_rows_is_a_per_row_top_set():
+@pytest.mark.parametrize("method", ["bisect", "topk"])
+def test_select_rows_is_a_per_row_top_set(method):
     rng = np.random.default_rng(0)
     p = np.exp(-rng.uniform(0, 30, size=(50, 80))) * rng.uniform(0.5, 1, (50, 1))
     p[3] = 0.0  # an all-zero row
     p[4, :10] = p[4, 0]  # ties at the maximum
+    p[5, 5:] = 0.0  # fewer positive entries than slots
     k = 12
-    vals, idx, used = _select_rows(jnp.asarray(p), k)
+    vals, idx, used = _select_rows(jnp.asarray(p), k, method)
     vals, idx, used = map(np.asarray, (vals, idx, used))
     assert vals.shape == idx.shape == used.shape == (50, k)
+    assert vals.dtype == p.dtype and idx.dtype == np.int32
     for i in range(50):
         cols = idx[i][used[i]]
         cnt = len(cols)
@@ -351,12 +354,39 @@ def test_select_rows_is_a_per_row_top_set():
         s = np.sort(p[i])[::-1]
         # the selection is the cnt largest entries ...
         np.testing.assert_allclose(np.sort(p[i, cols])[::-1], s[:cnt])
+        if method == "topk":  # ... exactly the k largest positive ones
+            assert cnt == min(k, np.count_nonzero(p[i]))
         # ... and no more than a factor e^(40/2^12) separates it from the k largest
-        if s[0] > 0 and cnt < k:
+        elif s[0] > 0 and cnt < k:
             assert s[k - 1] >= s[cnt] * np.exp(-40 / 2**12) * (1 - 1e-12)
         elif s[0] == 0 or i == 4:
             assert cnt == k  # ties: the first k of them
-    assert used[3].all() and np.all(vals[3] == 0)
+    assert np.all(vals[3] == 0)
+    assert used[3].all() if method == "bisect" else not used[3].any()
+    assert used[5].sum() == 5
+
+
+def test_select_rows_methods_agree_and_switch_on_the_width():
+    # float64 rows (keys for top-k are float32, values stay float64), more slots
+    # than columns, and the default choice by the number of columns
+    rng = np.random.default_rng(3)
+    for m in (40, 3000):
+        p = jnp.asarray(np.exp(-rng.uniform(0, 20, size=(30, m))))
+        k = 50
+        v1, i1, u1 = _select_rows(p, k, "bisect")
+        v2, i2, u2 = _select_rows(p, k, "topk")
+        if m < k:
+            assert int(u2.sum()) == 30 * m and int(u1.sum()) == 30 * m
+        np.testing.assert_allclose(v2.sum(1), jnp.sort(p, 1)[:, ::-1][:, :k].sum(1))
+        # the exact top set keeps the most (up to the order of summation)
+        assert bool(jnp.all(v2.sum(1) >= v1.sum(1) * (1 - 1e-13)))
+        vd, idd, ud = _select_rows(p, k)
+        ref = (v1, i1, u1) if m <= 2048 else (v2, i2, u2)
+        for u, w in zip((vd, idd, ud), ref):
+            np.testing.assert_array_equal(u, w)
+    assert jax.jit(lambda q: _select_rows(q, 8, "topk"))(p)[0].dtype == p.dtype
+    with pytest.raises(ValueError, match="unknown method"):
+        _select_rows(p, 8, "sort")
 
 
 def test_sparse_hessian_is_the_dense_one_when_nothing_is_dropped():
