@@ -139,9 +139,13 @@ def test_ot_scale_worker_measures_a_converged_online_solve():
     from benchmarks import ot_scale
 
     cfg = {"impl": "ours", "n": 300, "dtype": "float32", "batch_size": 64}
-    out = ot_scale.worker({**cfg, "hessian": "sparse"})
+    out = ot_scale.worker({**cfg, "hessian": "sparse", "k": "auto"})
     assert out["error"] <= ot_scale.TOL["float32"], out
     assert out["rss_peak_mb"] >= out["rss_start_mb"] > 0
+    assert out["k"] >= 64 and out["k_s"] > 0  # chosen outside the timed solve
+    # OTT's decay schedule (0.95 from 0.05) reaches epsilon 1e-3 at iteration 77
+    assert 0.05 * 0.95 ** (ot_scale._OTT_DECAY_ITERS - 1) > ot_scale.EPS
+    assert 0.05 * 0.95**ot_scale._OTT_DECAY_ITERS <= ot_scale.EPS
     pytest.importorskip("ott")
     ott = ot_scale.worker({**cfg, "impl": "ott", "ott_cap": 20, "decay": True})
     assert ott["capped"] and ott["iterations"] == "20"  # capped: not converged
