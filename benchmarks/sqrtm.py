@@ -144,10 +144,32 @@ def _candidates(ott):
     return out
 
 
+def scheme_candidates():
+    """The Newton-Schulz methods with float32-accurate tensor-core schemes (GPU rows
+    of the timing table; on a CPU they only cost more)."""
+
+    def make(method, p):
+        return lambda a: jaxdecomp.sqrtm(a, method=method, precision=p, throw=False)
+
+    return {
+        f"jaxdecomp {m} ({p})": make(m, p)
+        for m, p in (
+            ("newton_schulz", "tf32x3"),
+            ("newton_schulz", "bf16x6"),
+            ("mixed", "tf32x3"),
+            ("mixed", "bf16x6"),
+        )
+    }
+
+
 def run(full: bool = False):
     ott = optional_import("ott")
     cands = _candidates(ott)
-    return [*accuracy_tables(full, cands), timing_table(full, cands)]
+    return [
+        *accuracy_tables(full, cands),
+        timing_table(full, cands),
+        *precision_table(full),
+    ]
 
 
 def accuracy_tables(full, cands):
@@ -282,3 +304,151 @@ def _plot(timing: Table):
         ax.set_title(f"sqrtm, {jax.devices()[0].platform}, sizes {', '.join(sizes)}")
 
     save_figure("sqrtm_accuracy_time.png", draw)
+
+
+# --------------------------------------------------------------------------------------
+# Tensor-core precision schemes (`precision=`)
+# --------------------------------------------------------------------------------------
+
+SCHEMES = ("highest", "tf32x3", "bf16x6", "bf16x3")
+_PASSES = {"highest": 1, "tf32x3": 3, "bf16x6": 6, "bf16x3": 3}
+
+
+def _ref_polar(a):
+    w, _, vt = np.linalg.svd(np.asarray(a, np.float64), full_matrices=False)
+    return w @ vt
+
+
+def _ref_lyapunov(s, g):
+    w, v = np.linalg.eigh(np.asarray(s, np.float64))
+    gt = np.swapaxes(v, -1, -2) @ np.asarray(g, np.float64) @ v
+    return v @ (gt / (w[..., :, None] + w[..., None, :])) @ np.swapaxes(v, -1, -2)
+
+
+def _scheme_paths(p):
+    """name -> (function of (a, g), reference of (a, g) in float64, its output kind)."""
+
+    def ns_loss(a, g):
+        f = lambda m: jaxdecomp.sqrtm(  # noqa: E731
+            m, method="newton_schulz", backward="newton_schulz", precision=p
+        )
+        return jax.value_and_grad(lambda m: jnp.sum(f(m) * g))(a)[1]
+
+    return {
+        "sqrtm newton_schulz": (
+            lambda a, g: jaxdecomp.sqrtm(a, method="newton_schulz", precision=p),
+            lambda a, g: _ref_sqrt(a),
+        ),
+        "sqrtm mixed": (
+            lambda a, g: jaxdecomp.sqrtm(a, method="mixed", precision=p),
+            lambda a, g: _ref_sqrt(a),
+        ),
+        "gradient of sum(sqrtm(A) G), newton_schulz both ways": (
+            ns_loss,
+            lambda a, g: _ref_grad(a, g),
+        ),
+        "polar newton_schulz (A itself)": (
+            lambda a, g: jaxdecomp.polar(a, method="newton_schulz", precision=p),
+            lambda a, g: _ref_polar(a),
+        ),
+        "solve_lyapunov newton_schulz (S = A, G)": (
+            lambda a, g: jaxdecomp.solve_lyapunov(
+                a, g, method="newton_schulz", precision=p
+            ),
+            lambda a, g: _ref_lyapunov(a, g),
+        ),
+    }
+
+
+def precision_table(full: bool = False, sizes=None, kappa: float = 1e3, time=True):
+    """Accuracy (and, on this machine, time) of the Newton-Schulz paths with each
+    `precision=` scheme, float32, against float64 references.
+
+    The schemes' parts and products are formed in JAX, so the errors are those a
+    GPU's tensor cores give (up to the order of float32 sums); the times are this
+    machine's (on a CPU the schemes only cost more: bfloat16 is emulated)."""
+    if sizes is None:
+        sizes = (128, 256, 512) if full else (64, 128)
+    batch = 2
+    rng = np.random.default_rng(3)
+    gemm = Table(
+        "float32 matmul schemes: relative Frobenius error of A B (normal entries) "
+        "against float64",
+        ["n", *SCHEMES, "one TF32 pass (H100 default)", "one bfloat16 pass"],
+    )
+    from jaxdecomp._matmul import round_to_tf32, scheme_matmul
+
+    for n in sizes:
+        a, b = rng.standard_normal((2, n, n))
+        ref = a @ b
+        a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        errs = [
+            _rel(jax.jit(scheme_matmul(p, jnp.float32)[0])(a32, b32), ref)
+            for p in SCHEMES
+        ]
+        tf32 = jnp.matmul(
+            round_to_tf32(a32), round_to_tf32(b32), precision=jax.lax.Precision.HIGHEST
+        )
+        bf16 = jnp.matmul(
+            a32.astype(jnp.bfloat16),
+            b32.astype(jnp.bfloat16),
+            preferred_element_type=jnp.float32,
+        )
+        gemm.add(n, *errs, _rel(tf32, ref), _rel(bf16, ref))
+    gemm.notes.append(
+        "Products per matmul: highest 1 (CUDA cores on a GPU), tf32x3 3 (TF32 tensor "
+        "cores), bf16x6 6 and bf16x3 3 (bfloat16 tensor cores). The one-pass columns "
+        "are what the split schemes correct: TF32 is a float32 matmul at default "
+        "precision on an H100."
+    )
+
+    title = (
+        f"Newton-Schulz paths by precision scheme, float32, kappa={kappa:.0e}, "
+        f"batch {batch}: relative error against float64 (and time on this machine)"
+    )
+    table = Table(
+        title.replace("e+0", "e"),
+        ["path", "n", "scheme", "rel. error", "steps", "time (ms)", "time / highest"],
+    )
+    for n in sizes:
+        a = _spd_batch(batch, n, kappa, seed=n).astype(np.float32)
+        g = rng.standard_normal((batch, n, n))
+        g = (g + np.swapaxes(g, -1, -2)).astype(np.float32)
+        aj, gj = jnp.asarray(a), jnp.asarray(g)
+        base = {}
+        for p in SCHEMES:
+            for name, (f, ref_fn) in _scheme_paths(p).items():
+                if name == "sqrtm mixed" and n > 128 and _on_cpu() and not full:
+                    continue
+                fj = jax.jit(f)
+                out = fj(aj, gj)
+                ref = ref_fn(a, g)
+                if name.startswith("gradient"):
+                    out = 0.5 * (out + jnp.swapaxes(out, -1, -2))
+                    ref = 0.5 * (ref + np.swapaxes(ref, -1, -2))
+                err = _rel(out, ref)
+                steps = ""
+                if name.startswith(("sqrtm", "polar")):
+                    fn = (
+                        jaxdecomp.polar if name.startswith("polar") else jaxdecomp.sqrtm
+                    )
+                    meth = "mixed" if "mixed" in name else "newton_schulz"
+                    sol = jax.jit(
+                        lambda m, fn=fn, meth=meth, p=p: fn(
+                            m, method=meth, precision=p, full_output=True
+                        )
+                    )(aj)
+                    steps = int(sol.n_steps)
+                t = time_fn(fj, aj, gj, repeats=3) if time else float("nan")
+                if p == "highest":
+                    base[name] = t
+                table.add(name, n, p, err, steps, 1e3 * t, t / base[name])
+                print(f"    {name} n={n} {p}: {err:.2e}, {1e3 * t:.3g} ms", flush=True)
+    table.notes.append(
+        "The errors are the GPU's (the schemes are formed in JAX; CPU and GPU differ "
+        "only in the order of float32 sums). The times are this machine's: on a CPU "
+        "bfloat16 is emulated and every scheme is slower than highest; the GPU times "
+        "are in the sqrtm GPU table (rows 'newton_schulz (tf32x3)' etc.). steps: "
+        "Newton-Schulz steps (mixed: refinement steps)."
+    )
+    return [gemm, table]

@@ -10,6 +10,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._matmul import Precision, check_precision, scheme_matmul
 from ._misc import check_matrix, default_tol, fro, mm, mT, safe_reciprocal
 from ._newton_schulz import sign_lyapunov
 from ._solution import RESULTS, MatrixFunctionSolution
@@ -36,18 +37,28 @@ def eig_solver(v: Array, mu: Array) -> Callable[[Array], Array]:
 
 
 def ns_solver(
-    s: Array, tol, max_steps: int, throw: bool, parity: int = 0, info: bool = False
+    s: Array,
+    tol,
+    max_steps: int,
+    throw: bool,
+    parity: int = 0,
+    info: bool = False,
+    precision: str = "highest",
 ) -> Callable[[Array], Array]:
     """b -> X with S X + X S = b by the matmul-only sign iteration, run to `tol`
-    (for `parity` see `sign_lyapunov`); with `info`, b -> (X, (steps, residual)).
+    (for `parity` see `sign_lyapunov`; matmuls by the `precision` scheme); with
+    `info`, b -> (X, (steps, residual)).
 
     The iteration's residual ||P^2 - I|| (and ||sign(S) - I||) depends on S alone,
     not on b: the solves of the derivatives converge exactly when the primal's does,
     so checking the primal's covers them."""
     loose = default_tol(s.dtype, 0.5)
+    matmul, unit = scheme_matmul(precision, s.dtype)
 
     def solve(b):
-        x, k, res = sign_lyapunov(s, b, tol, max_steps, parity=parity)
+        x, k, res = sign_lyapunov(
+            s, b, tol, max_steps, matmul, parity=parity, unit=unit
+        )
         if info:
             return x, (k, res)
         if throw:
@@ -108,6 +119,7 @@ def solve_lyapunov(
     method: Literal["eigh", "newton_schulz"] = "eigh",
     tol: float | None = None,
     max_steps: int = 60,
+    precision: Precision = "highest",
     throw: bool = True,
     full_output: bool = False,
 ) -> Float[Array, "*batch n n"]:
@@ -134,6 +146,10 @@ def solve_lyapunov(
     - `tol`: residual tolerance of `"newton_schulz"` (default `10 eps`; it also stops
         at the rounding floor).
     - `max_steps`: iteration cap of `"newton_schulz"`.
+    - `precision`: the matmuls of `"newton_schulz"` on float32 input: `"highest"`
+        (default; float32 on CUDA cores), or a split scheme that runs them on tensor
+        cores at (near) float32 accuracy, `"bf16x6"`, `"tf32x3"` or `"bf16x3"` (see
+        [`jaxdecomp.sqrtm`][]). No effect on `"eigh"` or float64 input.
     - `throw`: raise (`eqx.error_if`, also under `jit`) on failure (default `True`).
     - `full_output`: return a [`jaxdecomp.MatrixFunctionSolution`][] (value, result
         code, steps, residual) instead of the array.
@@ -180,6 +196,7 @@ def solve_lyapunov(
         )
     if not (isinstance(max_steps, int) and max_steps > 0):
         raise ValueError(f"{name}: max_steps must be a positive int; got {max_steps}.")
+    check_precision(precision, name)
     shape = jnp.broadcast_shapes(s.shape, g.shape)
     g = jnp.broadcast_to(g, shape)
     tol = 10 * default_tol(s.dtype, 1.0) if tol is None else float(tol)
@@ -207,7 +224,7 @@ def solve_lyapunov(
         solve = eig_solver(v, jnp.where(definite, mu, 1))
         x = lyapunov_linear_solve(s, g, solve)
     else:
-        solve = ns_solver(s_safe, tol, max_steps, False, info=True)
+        solve = ns_solver(s_safe, tol, max_steps, False, info=True, precision=precision)
         x, (n_steps, sign_res) = lyapunov_linear_solve(s, g, solve, has_aux=True)
         # sign(S) = I exactly when S is positive definite (and resolved at this
         # precision): the sign iteration's own residual says whether it is

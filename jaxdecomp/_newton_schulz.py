@@ -14,8 +14,10 @@ and `mixed_sqrt` combines the first two into a mixed-precision square root
 Each step applies an odd quintic p(x) = x (a + b x^2 + c x^4) from `sign_schedule`
 (optimal for the current interval), then the classical quintic until the residual is
 below `tol`, stops improving (the rounding floor), or `max_steps` is reached.
-All matmuls run at HIGHEST precision unless a low-precision `matmul` is passed (only
-`mixed_sqrt` does).
+All matmuls run at HIGHEST precision unless another `matmul` is passed: the
+low-precision phase of `mixed_sqrt`, or a float32-accurate tensor-core scheme of the
+public `precision=` option (`_matmul.py`), with its unit roundoff for the stopping
+rule.
 """
 
 from __future__ import annotations
@@ -197,25 +199,38 @@ def sign_lyapunov(
     return 0.5 * q, k, res
 
 
-def polar_iteration(a: Array, tol, max_steps: int):
-    """Orthogonal polar factor of a tall (m >= n) full-rank `a`."""
+def polar_iteration(a: Array, tol, max_steps: int, matmul=mm, unit=None):
+    """Orthogonal polar factor of a tall (m >= n) full-rank `a` (matmuls by
+    `matmul`, of unit roundoff `unit`)."""
     n = a.shape[-1]
     # scale by max|a| first: fro(a) under/overflows for entries ~1e-30 / 1e30 (float32)
     big = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True)
     a = a / jnp.where(big > 0, big, 1)
     x = a / fro(a)[..., None, None]
     eye = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), a.shape[:-2] + (n, n))
-    gram = mm(mT(x), x)
+    mm_ = matmul
+
+    def gram_of(x):
+        g = mm_(mT(x), x)
+        return g if matmul is mm else sym(g)
+
+    gram = gram_of(x)
 
     def step(state, co):
         x, gram = state
-        t = co[0] * eye + co[1] * gram + co[2] * mm(gram, gram)
-        x = mm(x, t)
-        gram = mm(mT(x), x)
+        t = co[0] * eye + co[1] * gram + co[2] * mm_(gram, gram)
+        x = mm_(x, t)
+        gram = gram_of(x)
         return (x, gram), fro(gram - eye) / jnp.sqrt(n)
 
     (x, _), k, res = _drive(
-        step, (x, gram), fro(gram - eye) / jnp.sqrt(n), a.dtype, tol, max_steps
+        step,
+        (x, gram),
+        fro(gram - eye) / jnp.sqrt(n),
+        a.dtype,
+        tol,
+        max_steps,
+        unit=unit,
     )
     return x, k, res
 
@@ -245,8 +260,9 @@ MIXED_LYAPUNOV_STEPS = 12
 MIXED_SQRT_STEPS = 12
 
 
-def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
-    """Mixed-precision (A^{1/2}, A^{-1/2} or zeros, n_steps, residual) for SPD `a`.
+def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool, matmul=mm):
+    """Mixed-precision (A^{1/2}, A^{-1/2} or zeros, n_steps, residual) for SPD `a`;
+    `matmul` is the working precision's (default HIGHEST; a `precision=` scheme).
 
     1. Low precision: coupled Newton-Schulz on A / c + delta I (c >= lambda_max,
        delta = u_low / 4, a shift that keeps the rounded matrix positive definite).
@@ -271,7 +287,7 @@ def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
     norm = fro(ah)
 
     def residual(x):
-        r = ah - mm(x, x)
+        r = ah - matmul(x, x)
         return r, _max_residual(fro(r) / norm)
 
     def cond(carry):
@@ -313,7 +329,7 @@ def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
     n = a.shape[-1]
 
     def inv_res(y):
-        return _max_residual(fro(eye - mm(x, y)) / jnp.sqrt(n))
+        return _max_residual(fro(eye - matmul(x, y)) / jnp.sqrt(n))
 
     def inv_cond(carry):
         j, _, res, prev = carry
@@ -321,7 +337,7 @@ def mixed_sqrt(a: Array, tol, max_steps: int, want_inv: bool):
 
     def inv_body(carry):
         j, y, res, _ = carry
-        y = sym(y + mm(y, eye - mm(x, y)))
+        y = sym(y + matmul(y, eye - matmul(x, y)))
         return j + 1, y, inv_res(y), res
 
     inv0 = (jnp.asarray(0), z, inv_res(z), jnp.asarray(jnp.inf, res0.dtype))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._lyapunov import eig_solver, lyapunov_linear_solve, ns_solver
+from ._matmul import Precision, check_precision, scheme_matmul
 from ._misc import check_matrix, default_tol, fro, mm, mT, sym
 from ._newton_schulz import polar_iteration
 from ._solution import RESULTS, MatrixFunctionSolution
@@ -19,6 +20,7 @@ class _Config(eqx.Module):
     method: str = eqx.field(static=True)
     tol: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
+    precision: str = eqx.field(static=True, default="highest")
 
 
 @eqx.filter_custom_jvp
@@ -29,7 +31,8 @@ def _polar_tall(a, *, cfg: _Config):
         w, s, vt = jnp.linalg.svd(a, full_matrices=False)
         u = mm(w, vt)
         return u, s, jnp.asarray(0), jnp.zeros((), a.dtype)
-    u, k, res = polar_iteration(a, cfg.tol, cfg.max_steps)
+    matmul, unit = scheme_matmul(cfg.precision, a.dtype)
+    u, k, res = polar_iteration(a, cfg.tol, cfg.max_steps, matmul, unit)
     return u, jnp.zeros(a.shape[:-2] + (n,), a.dtype), k, res
 
 
@@ -45,7 +48,9 @@ def _polar_tall_jvp(primals, tangents, *, cfg: _Config):
         mu, v = jnp.linalg.eigh(h_const)
         solve = eig_solver(v, mu)
     else:
-        solve = ns_solver(h_const, cfg.tol, cfg.max_steps, True, parity=-1)
+        solve = ns_solver(
+            h_const, cfg.tol, cfg.max_steps, True, parity=-1, precision=cfg.precision
+        )
     # U^T dU = Omega is skew, and H Omega + Omega H = U^T dA - dA^T U.
     utda = mm(mT(u), da)
     omega = lyapunov_linear_solve(h, utda - mT(utda), solve, parity=-1)
@@ -63,6 +68,7 @@ def polar(
     method: Literal["auto", "svd", "newton_schulz"] = "auto",
     tol: float | None = None,
     max_steps: int = 50,
+    precision: Precision = "highest",
     throw: bool = True,
     full_output: bool = False,
 ) -> Float[Array, "*batch m n"]:
@@ -83,7 +89,10 @@ def polar(
         Express), then the classical quintic, to `tol` (3 matmuls a step, HIGHEST
         precision; about 8 steps up to condition number 1e3). `"auto"`:
         `"newton_schulz"` on GPU/TPU, `"svd"` on CPU.
-    - `tol`, `max_steps`, `throw`, `full_output`: as for [`jaxdecomp.sqrtm`][].
+    - `tol`, `max_steps`, `precision`, `throw`, `full_output`: as for
+        [`jaxdecomp.sqrtm`][] (`precision` applies to `"newton_schulz"`, forward and
+        backward; `"bf16x6"` or `"tf32x3"` run its matmuls on GPU tensor cores at
+        float32 accuracy).
 
     **Returns:** $U$, same shape and dtype as `a`.
 
@@ -125,6 +134,7 @@ def polar(
         )
     if not (isinstance(max_steps, int) and max_steps > 0):
         raise ValueError(f"{name}: max_steps must be a positive int; got {max_steps}.")
+    check_precision(precision, name)
     if method == "auto":
         method = "svd" if jax.default_backend() == "cpu" else "newton_schulz"
     tol = 10 * default_tol(a.dtype, 1.0) if tol is None else float(tol)
@@ -132,7 +142,7 @@ def polar(
     at = mT(a) if wide else a
     finite = jnp.all(jnp.isfinite(at))
     at = jnp.where(finite, at, 1.0)
-    u, s, n_steps, _ = _polar_tall(at, cfg=_Config(method, tol, max_steps))
+    u, s, n_steps, _ = _polar_tall(at, cfg=_Config(method, tol, max_steps, precision))
     eps_half = default_tol(a.dtype, 0.5)
     n = at.shape[-1]
     us = jax.lax.stop_gradient(u)

@@ -20,6 +20,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._lyapunov import eig_solver, lyapunov_linear_solve, ns_solver
+from ._matmul import Precision, check_precision, scheme_matmul
 from ._misc import (
     check_matrix,
     default_tol,
@@ -114,6 +115,7 @@ class _Config(eqx.Module):
     want_inv: bool = eqx.field(static=True)
     tol: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
+    precision: str = eqx.field(static=True, default="highest")
 
 
 @eqx.filter_custom_jvp
@@ -139,10 +141,14 @@ def _sqrt_pair(a, *, cfg: _Config):
         mu = s if cfg.want_sqrt else 1 / s
     elif cfg.method == "newton_schulz":
         # ||ZY - I|| is the error measure: it sees unresolved eigenvalues
-        x, y, n_steps, est = coupled_sqrt(a, cfg.tol, cfg.max_steps)
+        matmul, unit = scheme_matmul(cfg.precision, a.dtype)
+        x, y, n_steps, est = coupled_sqrt(a, cfg.tol, cfg.max_steps, matmul, unit=unit)
         x, y = sym(x), sym(y)
     elif cfg.method == "mixed":
-        x, y, n_steps, _, est = mixed_sqrt(a, cfg.tol, cfg.max_steps, cfg.want_inv)
+        matmul, _ = scheme_matmul(cfg.precision, a.dtype)
+        x, y, n_steps, _, est = mixed_sqrt(
+            a, cfg.tol, cfg.max_steps, cfg.want_inv, matmul
+        )
         y = y if cfg.want_inv else None
     else:
         x, y = _song(a, cfg.method, True, cfg.want_inv)
@@ -176,7 +182,12 @@ def _sqrt_pair_jvp(primals, tangents, *, cfg: _Config):
                 solve = eig_solver(v_x, mu_x)
         else:
             solve = ns_solver(
-                jax.lax.stop_gradient(x), cfg.tol, cfg.max_steps, True, parity=1
+                jax.lax.stop_gradient(x),
+                cfg.tol,
+                cfg.max_steps,
+                True,
+                parity=1,
+                precision=cfg.precision,
             )
         dx = lyapunov_linear_solve(x, da, solve, parity=1)
         dy = -mm(mm(y, dx), y) if cfg.want_inv else None
@@ -234,8 +245,11 @@ def _choose_method(method: str) -> str:
     return "eigh"
 
 
-def _sqrtm_impl(a, name, method, backward, tol, max_steps, throw, full_output, want):
+def _sqrtm_impl(
+    a, name, method, backward, tol, max_steps, precision, throw, full_output, want
+):
     a = check_matrix(a, name, square=True)
+    check_precision(precision, name)
     if method not in _METHODS:
         raise ValueError(f"{name}: method must be one of {_METHODS}; got {method!r}.")
     if backward not in _BACKWARDS:
@@ -246,7 +260,9 @@ def _sqrtm_impl(a, name, method, backward, tol, max_steps, throw, full_output, w
         raise ValueError(f"{name}: max_steps must be a positive int; got {max_steps}.")
     method = _choose_method(method)
     tol = 10 * default_tol(a.dtype, 1.0) if tol is None else float(tol)
-    cfg = _Config(method, backward, want != "inv", want != "sqrt", tol, max_steps)
+    cfg = _Config(
+        method, backward, want != "inv", want != "sqrt", tol, max_steps, precision
+    )
     a, result = _validate(a, name)
     x, y, _, _, w, n_steps, est = _sqrt_pair(a, cfg=cfg)
     eps_half = default_tol(a.dtype, 0.5)
@@ -322,7 +338,8 @@ _DOC_COMMON = r"""
         low-precision unit roundoff keeps the rounded matrix definite; polynomial
         arguments damped by 1.01 as in Polar Express, without which the bfloat16
         iteration diverges). (2) Newton refinement $X \leftarrow X + E$ with the
-        residual $R = A/c - X^2$ in the working precision (HIGHEST) and
+        residual $R = A/c - X^2$ in the working precision (HIGHEST, or the
+        `precision` scheme) and
         $X E + E X = R$ solved by the sign iteration in low precision, until the
         correction $\|E\|_F/\|X\|_F \le$ `tol` or it stops shrinking at the
         rounding floor (3-9 steps for $\kappa \le 10^5$). (3) $A^{-1/2}$, when asked
@@ -375,6 +392,25 @@ _DOC_COMMON = r"""
     get a [`jaxdecomp.MatrixFunctionSolution`][] with the result code, step count and
     residual.
 
+    **Tensor-core precision** (`precision`): a float32 matmul at `HIGHEST`
+    precision runs on a GPU's CUDA cores (H100: 67 TFLOP/s), one pass on its tensor
+    cores is 1e-3 (bfloat16) or 3e-4 (TF32, the default float32 matmul there) wrong.
+    The split schemes write each float32 operand as a sum of bfloat16 or TF32 parts
+    and add the exact products of the parts in float32 (as CUTLASS's 3xTF32 and
+    XLA's `BF16_BF16_F32_X3/X6`): `"bf16x6"` (3 bfloat16 parts, 6 products: float32
+    accuracy, 0.7e-7 .. 2.5e-7 relative per matmul at $n = 64..1024$), `"tf32x3"`
+    (2 TF32 parts, 3 products: 1.6e-7 .. 4e-7) and `"bf16x3"` (2 bfloat16 parts, 3
+    products: 4.4e-6, not float32-accurate; `"newton_schulz"`'s square root is
+    then about 1e-4 wrong, `"mixed"`'s 7e-6 .. 1e-5). With `"tf32x3"` or
+    `"bf16x6"` every path is as accurate as with `"highest"` (float32,
+    $\kappa = 10^3$, $n = 64..512$: within 2x, measured on the CPU); `"mixed"` with
+    them runs entirely on tensor cores; at $\kappa = 10^5$ `"newton_schulz"` loses
+    2-4x with them (2e-5 .. 4e-5), `"mixed"` at most 1.7x (4.4e-6 .. 7.2e-6). The
+    parts and products are formed in JAX, so the numerics are the same on every
+    backend (up to the order of float32 sums) and the CPU measures them; on CPUs the
+    schemes are only slower. Accuracy tables (and on GPUs, once measured, the
+    times): `benchmarks/RESULTS.md`.
+
     **Precision:** float32 and float64, dtype preserved. In float32 (measured on the
     CPU, $n \le 1024$, $\kappa \le 10^5$) the relative error of $A^{1/2}$ is at most
     6e-6 for `"eigh"` and `"mixed"` and 1.6e-5 for `"newton_schulz"`; $A^{-1/2}$ is
@@ -391,6 +427,11 @@ _ARGS_COMMON = """
         iterations also stop at their rounding floor).
     - `max_steps`: Newton–Schulz (or `"mixed"` refinement) iteration cap (default
         50).
+    - `precision`: how the Newton–Schulz matmuls run on float32 input (forward
+        `"newton_schulz"`, the working-precision matmuls of `"mixed"`, and
+        `backward="newton_schulz"`): `"highest"` (default), `"bf16x6"`, `"tf32x3"`
+        or `"bf16x3"`; see **Tensor-core precision** below. No effect on float64
+        input or on the `"eigh"` paths.
     - `throw`: raise on failure (default `True`).
     - `full_output`: return a `MatrixFunctionSolution` instead of the array.
 """
@@ -403,12 +444,12 @@ def sqrtm(
     backward: Literal["auto", "eigh", "newton_schulz"] = "auto",
     tol: float | None = None,
     max_steps: int = 50,
+    precision: Precision = "highest",
     throw: bool = True,
     full_output: bool = False,
 ) -> Float[Array, "*batch n n"]:
-    return _sqrtm_impl(
-        a, "sqrtm", method, backward, tol, max_steps, throw, full_output, "sqrt"
-    )
+    options = (method, backward, tol, max_steps, precision, throw, full_output)
+    return _sqrtm_impl(a, "sqrtm", *options, "sqrt")
 
 
 def inv_sqrtm(
@@ -418,12 +459,12 @@ def inv_sqrtm(
     backward: Literal["auto", "eigh", "newton_schulz"] = "auto",
     tol: float | None = None,
     max_steps: int = 50,
+    precision: Precision = "highest",
     throw: bool = True,
     full_output: bool = False,
 ) -> Float[Array, "*batch n n"]:
-    return _sqrtm_impl(
-        a, "inv_sqrtm", method, backward, tol, max_steps, throw, full_output, "inv"
-    )
+    options = (method, backward, tol, max_steps, precision, throw, full_output)
+    return _sqrtm_impl(a, "inv_sqrtm", *options, "inv")
 
 
 def sqrtm_and_inv_sqrtm(
@@ -433,20 +474,12 @@ def sqrtm_and_inv_sqrtm(
     backward: Literal["auto", "eigh", "newton_schulz"] = "auto",
     tol: float | None = None,
     max_steps: int = 50,
+    precision: Precision = "highest",
     throw: bool = True,
     full_output: bool = False,
 ) -> tuple[Float[Array, "*batch n n"], Float[Array, "*batch n n"]]:
-    return _sqrtm_impl(
-        a,
-        "sqrtm_and_inv_sqrtm",
-        method,
-        backward,
-        tol,
-        max_steps,
-        throw,
-        full_output,
-        "both",
-    )
+    options = (method, backward, tol, max_steps, precision, throw, full_output)
+    return _sqrtm_impl(a, "sqrtm_and_inv_sqrtm", *options, "both")
 
 
 sqrtm.__doc__ = rf"""Principal square root $A^{{1/2}}$ of a symmetric positive
