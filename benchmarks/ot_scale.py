@@ -57,6 +57,16 @@ def _marginal_error(x, y, f, g, eps, batch_size):
     return float(max(jnp.abs(r - 1 / n).sum(), jnp.abs(c - 1 / m).sum()))
 
 
+def _ott_online_shim():
+    from jax.interpreters import batching
+
+    if not hasattr(batching, "is_vmappable"):
+        # OTT-JAX 0.6.0's online map (ott.utils.batched_vmap) flattens with
+        # is_leaf=batching.is_vmappable, which JAX 0.10 removed; for plain arrays
+        # it was False, so this shim restores OTT's own behaviour.
+        batching.is_vmappable = lambda _: False
+
+
 def worker(cfg: dict) -> dict:
     """One measurement in this process (see the module docstring)."""
     import resource
@@ -128,13 +138,7 @@ def worker(cfg: dict) -> dict:
         out["iterations"] = f"{int(steps)} ({int(newton)})"
         out["capped"] = False
     else:
-        from jax.interpreters import batching
-
-        if not hasattr(batching, "is_vmappable"):
-            # OTT-JAX 0.6.0's online map (ott.utils.batched_vmap) flattens with
-            # is_leaf=batching.is_vmappable, which JAX 0.10 removed; for plain arrays
-            # it was False, so this shim restores OTT's own behaviour.
-            batching.is_vmappable = lambda _: False
+        _ott_online_shim()
         from ott.geometry import epsilon_scheduler, pointcloud
         from ott.problems.linear import linear_problem
         from ott.solvers.linear import sinkhorn
@@ -347,6 +351,112 @@ def scaling_table(n=4000, batch_size=256, devices=(1, 2, 4, 8)) -> Table:
         "communication pattern and overhead, not a speed-up: each step all-reduces "
         "O(m) numbers (column log-sum-exps, P^T u, sums over rows). The same result "
         "as one device to rounding is a test (tests/test_ot_scale.py)."
+    )
+    return table
+
+
+def _error64(x, y, f, g, batch_size):
+    """The L1 marginal error of float32 potentials, evaluated in float64: each
+    float32 evaluation is itself about 1e-5 off at epsilon 1e-3 (two float32 passes
+    over the same potentials differ by 7e-6), the size of the tolerance."""
+    import jax.numpy as jnp
+
+    def up(v):
+        return jnp.asarray(v, jnp.float64)
+
+    return _marginal_error(up(x), up(y), up(f), up(g), EPS, batch_size)
+
+
+def fused_table(
+    sizes=(10_000,), dtype="float32", batch_size=1024, ott=True, repeats=3
+) -> Table:
+    """`backend="pallas"` (fused kernels) against the XLA online passes and OTT-JAX's
+    online point cloud, in one process: median time of a jitted solve after
+    warm-up, steps, and the L1 marginal error. On a CPU the kernels run in Pallas's
+    interpret mode (a correctness run, not a timing)."""
+    import jax
+    import jax.numpy as jnp
+
+    import solvers
+
+    from ._harness import time_fn
+
+    on_cpu = jax.default_backend() == "cpu"
+    table = Table(
+        f"Fused Pallas passes vs XLA online passes ({dtype}, epsilon {EPS}, tol "
+        f"{TOL[dtype]}, batch {batch_size})",
+        [
+            "n",
+            "method",
+            "time (s)",
+            "time / XLA online",
+            "steps",
+            "L1 marginal error (float64)",
+        ],
+    )
+    tol = TOL[dtype]
+    for n in sizes:
+        x, y = _points(n, jnp.dtype(dtype))
+        geom = solvers.PointCloud(x, y, batch_size=batch_size)
+        k = max(64, solvers.sparse_k(geom, epsilon=EPS))  # chosen outside jit
+        rows = {}
+        for solver in ("sinkhorn_newton", "sinkhorn"):
+            for backend in ("xla", "pallas"):
+
+                def solve(x, y, solver=solver, backend=backend):
+                    geom = solvers.PointCloud(
+                        x, y, batch_size=batch_size, backend=backend
+                    )
+                    kw = {"k": k} if solver != "sinkhorn" else {}
+                    sol = getattr(solvers, solver)(
+                        geom, epsilon=EPS, tol=tol, throw=False, **kw
+                    )
+                    return sol.f, sol.g, sol.n_steps
+
+                fn = jax.jit(solve)
+                t = time_fn(fn, x, y, repeats=repeats, long_s=1.0)
+                f, g, steps = fn(x, y)
+                err = _error64(x, y, f, g, batch_size)
+                rows[(solver, backend)] = (t, int(steps), err)
+                print(f"    n={n} {solver} {backend}: {t:.3g} s", flush=True)
+        if ott and optional_import("ott") is not None:
+            _ott_online_shim()
+            from ott.geometry import pointcloud
+            from ott.problems.linear import linear_problem
+            from ott.solvers.linear import sinkhorn as ott_sinkhorn
+
+            def ott_solve(x, y):
+                geom = pointcloud.PointCloud(x, y, epsilon=EPS, batch_size=batch_size)
+                out = ott_sinkhorn.Sinkhorn(threshold=tol, max_iterations=20_000)(
+                    linear_problem.LinearProblem(geom)
+                )
+                return out.f, out.g, out.n_iters
+
+            with jax.enable_x64(dtype == "float64"):
+                fn = jax.jit(ott_solve)
+                t = time_fn(fn, x, y, repeats=repeats, long_s=1.0)
+                f, g, steps = fn(x, y)
+            err = _error64(x, y, f, g, batch_size)
+            rows[("OTT-JAX plain online", "")] = (t, int(steps), err)
+        for solver in ("sinkhorn_newton", "sinkhorn"):
+            base = rows[(solver, "xla")][0]
+            for backend in ("xla", "pallas"):
+                t, steps, err = rows[(solver, backend)]
+                name = f"solvers.{solver}, {backend}"
+                table.add(n, name, t, t / base, steps, err)
+        if ("OTT-JAX plain online", "") in rows:
+            t, steps, err = rows[("OTT-JAX plain online", "")]
+            base = rows[("sinkhorn_newton", "xla")][0]
+            table.add(n, "OTT-JAX plain, online", t, t / base, steps, err)
+    if on_cpu:
+        table.notes.append(
+            "CPU: the Pallas kernels run in interpret mode; the times check that the "
+            "run works, they are not the kernels' speed (a GPU measures that)."
+        )
+    table.notes.append(
+        "OTT-JAX's ratio is to solvers.sinkhorn_newton on XLA passes. The fused "
+        "kernels cover the c-transforms and the plan's products and marginals; the "
+        "sparse Hessian's selection and the line search stay XLA row passes."
     )
     return table
 

@@ -274,10 +274,11 @@ def run(
         "warm-started like the JAX rows; 'rebuilt' includes the set-up of every "
         "hierarchy, 'reused' builds one on the first system.",
     ]
+    tables = [table, newton_table()]
     if not neural_inverse:
-        return [table]
+        return tables
     sizes = (64, 128, 256, 512) if full else (64, 128, 256)
-    return [table, neural_inverse_at_size(sizes)]
+    return [*tables, neural_inverse_at_size(sizes)]
 
 
 def neural_inverse_at_size(
@@ -348,5 +349,73 @@ def neural_inverse_at_size(
         f"training loss {float(losses[0]):.3g} -> {float(losses[-1]):.3g}; "
         f"max_steps {max_steps} for every solve ('> N': not converged); the "
         "network is 2-D only (no 3-D NeuralInverse exists in solvers yet)."
+    )
+    return table
+
+
+def newton_table(
+    configs=((1000, "float64", None), (4000, "float64", None), (4000, "float32", 1024)),
+    recycle=(0, 8, 16),
+    repeats: int = 3,
+) -> Table:
+    """Krylov recycling between the Newton-CG solves of `solvers.sinkhorn_newton`
+    (`recycle=k`): 2-D uniform clouds, epsilon 1e-3, tol 1e-9 (float64) / 1e-5
+    (float32), dense and sparse Hessian (k = 64); configs are (n, dtype,
+    batch_size: None = dense cost matrix, int = online)."""
+    table = Table(
+        "sinkhorn_newton: Newton-CG with recycling (`recycle=k`) vs plain Jacobi-PCG "
+        "(epsilon 1e-3, jit, median after warm-up)",
+        [
+            "n, dtype, geometry",
+            "Hessian",
+            "recycle",
+            "time (s)",
+            "time / recycle=0",
+            "CG iterations",
+            "Newton steps",
+            "L1 error",
+        ],
+    )
+    rng = np.random.default_rng(0)
+    for n, dtype, batch in configs:
+        tol = 1e-9 if dtype == "float64" else 1e-5
+        x = jnp.asarray(rng.uniform(size=(n, 2)), dtype)
+        y = jnp.asarray(rng.uniform(size=(n, 2)), dtype)
+        label = f"{n}, {dtype}, " + ("dense" if batch is None else f"online {batch}")
+        for hessian in ("dense", "sparse"):
+            base = None
+            for k in recycle:
+
+                def solve(x, y, hessian=hessian, k=k):
+                    geom = solvers.PointCloud(x, y, batch_size=batch)
+                    return solvers.sinkhorn_newton(
+                        geom,
+                        epsilon=1e-3,
+                        tol=tol,
+                        hessian=hessian,
+                        recycle=k,
+                        throw=False,
+                    )
+
+                fn = jax.jit(solve)
+                jax.block_until_ready(fn(x, y))  # compile
+                t, out = _timed(fn, x, y, repeats=repeats)
+                base = t if k == 0 else base
+                table.add(
+                    label,
+                    hessian,
+                    k,
+                    t,
+                    t / base,
+                    int(out.n_cg_steps),
+                    int(out.n_newton_steps),
+                    float(jnp.max(out.error)),
+                )
+                print("  " + " | ".join(map(str, table.rows[-1])), flush=True)
+    table.notes.append(
+        "recycle = k: each Newton step's CG is deflated by the previous step's k "
+        "harmonic Ritz vectors (one batched matvec with them per step). The sparse "
+        "Hessian falls back to dense steps where k = 64 entries per row keep less "
+        "than 99% of the plan (here at n <= 4000)."
     )
     return table

@@ -19,51 +19,12 @@ from jaxdecomp._misc import default_tol
 
 from ._geometry import error_if_devices, invariant, sum_devices, varying
 from ._kernel import Kernel
-from ._misc import pcg
+from ._misc import is_zero, jvp_live, pcg
 
 
 def safe_log(w):
     """log w, with 0 at w = 0 (the convention for zero weights)."""
     return jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1)), 0)
-
-
-def _is_zero(t):
-    return isinstance(t, SymbolicZero) or (
-        isinstance(t, (jax.Array, np.ndarray)) and t.dtype == jax.dtypes.float0
-    )
-
-
-def jvp_live(fn, primals, tangents, has_aux=False):
-    """`jax.jvp(fn, primals, tangents)` where the tangents may hold symbolic zeros
-    (or float0 leaves): those leaves are held fixed instead of being instantiated as
-    arrays of zeros. Cheaper, and it avoids a JAX 0.10 defect: inside `jax.shard_map`
-    under `jax.jit`, a zero tangent instantiated for a replicated input (the cloud
-    `y` when only `x` is differentiated) made forward-mode derivatives NaN or
-    garbage (1e258; reduced: `jnp.maximum(x @ y.T, 0.3)` with a zero `dy`).
-    Returns `(out, tangent_out[, aux])`; no live tangent: zeros."""
-    p_leaves, tree = jtu.tree_flatten(primals)
-    t_leaves = jtu.tree_leaves(tangents, is_leaf=_is_zero)
-    if len(t_leaves) != len(p_leaves):
-        raise AssertionError("jvp_live: tangents do not match the primals")
-    live = [i for i, t in enumerate(t_leaves) if not _is_zero(t)]
-
-    def partial_fn(*live_p):
-        leaves = list(p_leaves)
-        for i, v in zip(live, live_p):
-            leaves[i] = v
-        return fn(*jtu.tree_unflatten(tree, leaves))
-
-    args = [p_leaves[i] for i in live]
-    dargs = [t_leaves[i] for i in live]
-    if has_aux:
-        if not live:
-            out, aux = fn(*primals)
-            return out, jtu.tree_map(jnp.zeros_like, out), aux
-        return jax.jvp(partial_fn, args, dargs, has_aux=True)
-    if not live:
-        out = fn(*primals)
-        return out, jtu.tree_map(jnp.zeros_like, out)
-    return jax.jvp(partial_fn, args, dargs)
 
 
 def _hat_potentials(kernel: Kernel, a, b, eps, g):
@@ -216,7 +177,10 @@ def _tangent(throw, kernel, a, b, eps, f, g, dk, da, db, deps):
     complement S = diag(P^T 1) - P^T diag(1/(P 1)) P (gauge direction 1 removed).
 
     Zero-weight entries are constants of the problem (their weights' tangents are
-    dropped); their potentials are c-transforms, differentiated as such."""
+    dropped); their potentials are c-transforms, differentiated as such. Runs on XLA
+    passes (`Kernel.unfused`): its maps of the tangents are transposed in reverse
+    mode."""
+    kernel = kernel.unfused()
     ma, mb = kernel.mask_a, kernel.mask_b
 
     def marginals(k, eps):
@@ -231,8 +195,8 @@ def _tangent(throw, kernel, a, b, eps, f, g, dk, da, db, deps):
         marginals, (kernel, eps), (dk, deps), has_aux=True
     )
     r = jnp.where(ma, r, 1)
-    u = eps * (-dr if _is_zero(da) else jnp.where(ma, da, 0) - dr)
-    v = eps * (-dcol if _is_zero(db) else jnp.where(mb, db, 0) - dcol)
+    u = eps * (-dr if is_zero(da) else jnp.where(ma, da, 0) - dr)
+    v = eps * (-dcol if is_zero(db) else jnp.where(mb, db, 0) - dcol)
     m_kept = jnp.sum(mb).astype(r.dtype)
     rhs = jnp.where(mb, v - plan.rmv(u / r), 0)
     # Only mass-preserving perturbations keep the problem balanced: drop the rest.
@@ -257,7 +221,7 @@ def _tangent(throw, kernel, a, b, eps, f, g, dk, da, db, deps):
 
     def solve(matvec, rhs):
         inv_diag, tol = op[-2:]
-        y, _, converged = pcg(matvec, rhs, inv_diag, tol, 10 * m)
+        y, _, converged, _ = pcg(matvec, rhs, inv_diag, tol, 10 * m)
         if throw:
             return error_if_devices(
                 y,

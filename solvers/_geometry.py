@@ -242,6 +242,17 @@ class PointCloud(AbstractGeometry):
         and sums over rows are combined across the axis (`psum`/`pmax`), so each
         Newton or Sinkhorn step communicates $O(m)$ numbers. Solve inside
         `jax.shard_map` (see the "Optimal transport at scale" docs page).
+    - `backend`: `"xla"` (default) or `"pallas"` (online only, named costs): the
+        passes that dominate a solve, the c-transforms (log-sum-exps over rows and
+        over columns) and the plan's products and marginals, run as fused Pallas
+        kernels that recompute the cost in 128 x 128 tiles in registers
+        (flash-attention style: a running maximum and sum), never writing a block
+        of it to memory; the other online passes (sparse selection, line-search
+        values, epsilon-derivative passes) stay XLA row passes of `batch_size`
+        rows. For GPUs (Pallas's Triton backend); on a CPU the kernels run in
+        Pallas's interpret mode, correct but slow (the tests use it). Derivatives
+        are those of the XLA passes (a `custom_jvp`: the kernels are never
+        differentiated), so every derivative and mode works as with `"xla"`.
 
     Derivatives flow to `x` and `y` (in online mode block by block, with the
     blocks recomputed in reverse mode instead of stored).
@@ -264,6 +275,7 @@ class PointCloud(AbstractGeometry):
     cost: str | Callable = eqx.field(static=True, default="sqeuclidean")
     batch_size: int | None = eqx.field(static=True, default=None)
     axis_name: str | None = eqx.field(static=True, default=None)
+    backend: str = eqx.field(static=True, default="xla")
 
     def __check_init__(self):
         sx, sy = jnp.shape(self.x), jnp.shape(self.y)
@@ -298,6 +310,17 @@ class PointCloud(AbstractGeometry):
         ):
             raise ValueError(
                 f"PointCloud: batch_size must be None or a positive int; got {b!r}."
+            )
+        if self.backend not in ("xla", "pallas"):
+            raise ValueError(
+                f"PointCloud: backend must be 'xla' or 'pallas'; got {self.backend!r}."
+            )
+        if self.backend == "pallas" and (b is None or callable(self.cost)):
+            raise ValueError(
+                "PointCloud: backend='pallas' fuses the online passes of the "
+                "'sqeuclidean' and 'euclidean' costs; it needs a batch_size (the "
+                "other online passes' block size) and a named cost; got "
+                f"batch_size={b!r}, cost={self.cost!r}."
             )
 
     @property

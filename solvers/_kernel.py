@@ -4,6 +4,8 @@ selection), dense or recomputed by blocks, with zero-weight entries masked out."
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.lax as lax
@@ -12,6 +14,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxdecomp._misc import mm
 
+from . import _pallas
 from ._geometry import AbstractGeometry, all_devices, sum_devices
 
 
@@ -86,6 +89,21 @@ class Kernel(eqx.Module):
     def axis_name(self) -> str | None:
         return getattr(self.geom, "axis_name", None)
 
+    @property
+    def fused(self) -> bool:
+        """Whether the c-transforms and plan products run as fused Pallas kernels
+        (`PointCloud(..., backend="pallas")`)."""
+        return getattr(self.geom, "backend", "xla") == "pallas"
+
+    def unfused(self) -> Kernel:
+        """The same kernel on XLA row passes: for the derivative rules, whose linear
+        maps (of tangents and cotangents) must be transposable, which a Pallas call
+        is not."""
+        if not self.fused:
+            return self
+        geom = dataclasses.replace(self.geom, backend="xla")
+        return Kernel(geom, self.mask_a, self.mask_b)
+
     def rsum(self, v):
         """Sum of a row-space (length n) quantity, over all devices' rows."""
         return sum_devices(jnp.sum(v), self.axis_name)
@@ -103,6 +121,11 @@ class Kernel(eqx.Module):
     def f_hat(self, g, eps) -> Float[Array, " n"]:
         """$-\\varepsilon\\,\\mathrm{LSE}_j((g_j - C_{ij})/\\varepsilon)$ over the
         kept columns (the f-update is $\\varepsilon \\log a + \\hat f$)."""
+        if self.fused:
+            return _pallas.fused(_pallas.f_hat, Kernel._f_hat, self, g, eps)
+        return self._f_hat(g, eps)
+
+    def _f_hat(self, g, eps):
         mb = self.mask_b
 
         def fn(c):
@@ -174,11 +197,17 @@ class Kernel(eqx.Module):
         return -eps * (top + _log_mean(s1, s0))
 
     def g_hat(self, f, eps) -> Float[Array, " m"]:
+        if self.fused:
+            cols = _pallas.fused(_pallas.g_hat_local, Kernel._g_hat_local, self, f, eps)
+        else:
+            cols = self._g_hat_local(f, eps)
+        return -eps * _across(cols, "lse", self.axis_name)
+
+    def _g_hat_local(self, f, eps):
         def fn(c, fb, ok):
             return None, _lse((fb[:, None] - c) / eps, ok[:, None], 0)
 
-        _, cols = self.geom.row_pass(fn, (f, self.mask_a), "lse")
-        return -eps * _across(cols, "lse", self.axis_name)
+        return self.geom.row_pass(fn, (f, self.mask_a), "lse")[1]
 
     def plan(self, f, g, eps) -> Plan:
         """The plan at the potentials `f`, `g`: materialised once for a dense
@@ -225,15 +254,44 @@ class Plan(eqx.Module):
             rows, cols = k.geom.row_pass(block, (self.f, k.mask_a, *row_args), combine)
         return rows, _across(cols, combine, k.axis_name)
 
+    @property
+    def _fused(self) -> bool:
+        return self.p is None and self.kernel.fused
+
     def marginals(self):
-        """$(P1, P^T1)$ in one pass."""
+        """$(P1, P^T1)$ in one pass (two fused kernels with `backend="pallas"`)."""
+        if self._fused:
+            n, m = self.kernel.geom.shape
+            return self.mv(jnp.ones(m, self.f.dtype)), self.rmv(
+                jnp.ones(n, self.f.dtype)
+            )
         return self._pass(lambda p: (jnp.sum(p, axis=1), jnp.sum(p, axis=0)))
 
     def mv(self, v) -> Float[Array, " n"]:
+        if self._fused:
+            return _pallas.fused(_pallas.plan_rows, Plan._mv, self, v)
+        return self._mv(v)
+
+    def _mv(self, v):
         return self._pass(lambda p: (mm(p, v), None))[0]
 
     def rmv(self, u) -> Float[Array, " m"]:
-        return self._pass(lambda p, ub: (None, mm(ub, p)), (u,))[1]
+        if self._fused:
+            cols = _pallas.fused(_pallas.plan_cols_local, Plan._rmv_local, self, u)
+            return _across(cols, "sum", self.kernel.axis_name)
+        return _across(self._rmv_local(u), "sum", self.kernel.axis_name)
+
+    def _rmv_local(self, u):
+        """$P^Tu$ over this device's rows."""
+        k = self.kernel
+        if self.p is not None:
+            return mm(u, self.p)
+        g, mb, eps = self.g, k.mask_b, self.eps
+
+        def block(c, fb, ok, ub):
+            return None, mm(ub, jnp.exp(logits(fb, g, c, eps, ok, mb)))
+
+        return k.geom.row_pass(block, (self.f, k.mask_a, u))[1]
 
     def sq_rmv(self, w) -> Float[Array, " m"]:
         """$(P \\circ P)^T w$ (the diagonal of the Newton system)."""

@@ -7,6 +7,9 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from jaxdecomp._misc import mm
 
@@ -243,10 +246,11 @@ def _recycling_basis(record, k, window, deflation, precond):
     )
 
 
-def pcg(matvec, b, inv_diag, rtol, max_steps: int):
+def pcg(matvec, b, inv_diag, rtol, max_steps: int, deflation=None, window=0):
     """Jacobi-preconditioned CG from 0 (the inner solver of the OT solvers): returns
-    the iterate, the step count and whether it converged."""
-    x, (k, _, converged, _), _ = scaled_cg_loop(
+    the iterate, the step count, whether it converged, and the recorded directions
+    (`cg_loop`'s `deflation` and `window`; None without a window)."""
+    x, (k, _, converged, _), recorded = scaled_cg_loop(
         matvec,
         lambda r: inv_diag * r,
         b,
@@ -256,8 +260,10 @@ def pcg(matvec, b, inv_diag, rtol, max_steps: int):
         max_steps=max_steps,
         flexible=False,
         unroll=False,
+        deflation=deflation,
+        window=window,
     )
-    return x, k, converged
+    return x, k, converged, recorded
 
 
 def register_operator(cls, *, symmetric, psd, diagonal=None):
@@ -290,3 +296,42 @@ def register_operator(cls, *, symmetric, psd, diagonal=None):
 
     lx.tridiagonal.register(cls)(_tridiagonal)
     return cls
+
+
+def is_zero(t):
+    return isinstance(t, SymbolicZero) or (
+        isinstance(t, (jax.Array, np.ndarray)) and t.dtype == jax.dtypes.float0
+    )
+
+
+def jvp_live(fn, primals, tangents, has_aux=False):
+    """`jax.jvp(fn, primals, tangents)` where the tangents may hold symbolic zeros
+    (or float0 leaves): those leaves are held fixed instead of being instantiated as
+    arrays of zeros. Cheaper, and it avoids a JAX 0.10 defect: inside `jax.shard_map`
+    under `jax.jit`, a zero tangent instantiated for a replicated input (the cloud
+    `y` when only `x` is differentiated) made forward-mode derivatives NaN or
+    garbage (1e258; reduced: `jnp.maximum(x @ y.T, 0.3)` with a zero `dy`).
+    Returns `(out, tangent_out[, aux])`; no live tangent: zeros."""
+    p_leaves, tree = jtu.tree_flatten(primals)
+    t_leaves = jtu.tree_leaves(tangents, is_leaf=is_zero)
+    if len(t_leaves) != len(p_leaves):
+        raise AssertionError("jvp_live: tangents do not match the primals")
+    live = [i for i, t in enumerate(t_leaves) if not is_zero(t)]
+
+    def partial_fn(*live_p):
+        leaves = list(p_leaves)
+        for i, v in zip(live, live_p):
+            leaves[i] = v
+        return fn(*jtu.tree_unflatten(tree, leaves))
+
+    args = [p_leaves[i] for i in live]
+    dargs = [t_leaves[i] for i in live]
+    if has_aux:
+        if not live:
+            out, aux = fn(*primals)
+            return out, jtu.tree_map(jnp.zeros_like, out), aux
+        return jax.jvp(partial_fn, args, dargs, has_aux=True)
+    if not live:
+        out = fn(*primals)
+        return out, jtu.tree_map(jnp.zeros_like, out)
+    return jax.jvp(partial_fn, args, dargs)

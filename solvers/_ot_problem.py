@@ -227,7 +227,7 @@ def solve(
 
 def _finish(f, g, kernel, a, b, eps, aux, result, tol, throw):
     """Gauge-fix, build the solution, and raise on failure if `throw`."""
-    n_steps, n_newton, error, stalled = aux
+    n_steps, n_newton, n_cg, error, stalled = aux
     f, g = gauge(kernel, f, g, a, b)
     finite = kernel.rall(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
     converged = jnp.max(error) <= tol
@@ -253,6 +253,7 @@ def _finish(f, g, kernel, a, b, eps, aux, result, tol, throw):
         epsilon=eps,
         n_steps=n_steps,
         n_newton_steps=n_newton,
+        n_cg_steps=n_cg,
         error=error,
         converged=converged & (result == RESULTS.successful),
         result=result,

@@ -109,7 +109,7 @@ def _sinkhorn_loop(
     # recomputed from the final potentials (rows and columns) is above tol: both
     # are the dtype's floor, not a lack of steps
     floor_hit = stalled(*guard) | (done & (steps < max_steps))
-    return f, g, (steps, jnp.array(0), error, floor_hit)
+    return f, g, (steps, jnp.array(0), jnp.array(0), error, floor_hit)
 
 
 def sinkhorn(

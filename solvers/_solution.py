@@ -76,6 +76,8 @@ class OTSolution(eqx.Module):
         [`solvers.Geometry`][] holding the cost matrix).
     - `n_steps`: iterations taken (Sinkhorn updates plus Newton steps).
     - `n_newton_steps`: Newton steps among them (0 for `sinkhorn`).
+    - `n_cg_steps`: conjugate-gradient iterations of the Newton steps, in all (0
+        for `sinkhorn`).
     - `error`: L1 marginal violations relative to the total mass,
         `[sum|P 1 - a|, sum|P^T 1 - b|] / sum(a)`.
     - `converged`: `max(error) <= tol` at the final epsilon.
@@ -95,6 +97,7 @@ class OTSolution(eqx.Module):
     epsilon: Float[Array, ""]
     n_steps: Int[Array, ""]
     n_newton_steps: Int[Array, ""]
+    n_cg_steps: Int[Array, ""]
     error: Float[Array, " 2"]
     converged: Bool[Array, ""]
     result: RESULTS

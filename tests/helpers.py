@@ -43,3 +43,27 @@ def random_like(key, tree):
             for k, x in zip(keys, leaves)
         ],
     )
+
+
+def run_on_host_devices(code: str, devices: int, timeout: float = 600):
+    """Run `code` in a fresh Python with `devices` host CPU devices; return the JSON
+    object its last line of output prints (keeping conftest's XLA_FLAGS)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "")
+    env["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

@@ -125,9 +125,14 @@ def test_gpu_benchmark_runs_at_tiny_sizes(monkeypatch):
     from benchmarks import gpu
 
     monkeypatch.setenv("GPU_SMALL", "1")
+    monkeypatch.setenv("GPU_PARTS", "sqrtm,precision,sinkhorn,pallas,cg")
     tables = gpu.run()
     titles = [t.title for t in tables]
     assert any("sqrtm forward+backward" in t for t in titles)
+    assert any("by precision scheme" in t for t in titles)
+    assert any(t.startswith("Fused Pallas passes") for t in titles)
+    sq = next(t for t in tables if "sqrtm forward+backward" in t.title)
+    assert "jaxdecomp mixed (bf16x6)" in {row[1] for row in sq.rows}
     assert any("Entropic OT" in t for t in titles)
     assert any(t.startswith("CG to relative residual") for t in titles)
     cg_rows = next(t for t in tables if t.title.startswith("CG to")).rows
@@ -214,3 +219,46 @@ def test_headline_runner_writes_to_out_not_docs(tmp_path, monkeypatch):
     # the best-anchor rule without any anchor meeting the bar: the most accurate
     assert headline._best([("a", 1.0, 1e-2), ("b", 2.0, 1e-3)], 1e-6)[0] == "b"
     assert headline._best([], 1e-6) is None
+
+
+def test_precision_benchmark_measures_the_schemes():
+    from benchmarks import sqrtm
+
+    gemm, paths = sqrtm.precision_table(sizes=(32,), time=False)
+    (row,) = gemm.rows
+    errs = dict(zip(gemm.columns[1:], row[1:]))
+    # float32-accurate schemes vs what they correct (one TF32 / bfloat16 pass)
+    for p in ("highest", "tf32x3", "bf16x6"):
+        assert errs[p] < 1e-6, errs
+    assert 1e-6 < errs["bf16x3"] < 2e-5
+    assert errs["one TF32 pass (H100 default)"] > 1e-4
+    assert len(paths.rows) == 5 * 4
+    for name, _, scheme, err, *_ in paths.rows:
+        assert err < (5e-4 if scheme == "bf16x3" else 5e-5), (name, scheme, err)
+
+
+def test_fused_benchmark_runs_and_agrees():
+    from benchmarks import ot_scale
+
+    table = ot_scale.fused_table(sizes=(300,), batch_size=64, ott=False, repeats=1)
+    rows = {row[1]: row for row in table.rows}
+    assert len(rows) == 4
+    for name, row in rows.items():
+        assert row[5] <= 2e-5, (name, row)  # converged to tol 1e-5 (float64 check)
+    # the same iterations on both backends (to rounding: within one step)
+    for solver in ("sinkhorn_newton", "sinkhorn"):
+        xla, fused = rows[f"solvers.{solver}, xla"], rows[f"solvers.{solver}, pallas"]
+        assert abs(xla[4] - fused[4]) <= max(1, 0.01 * xla[4])
+
+
+def test_newton_recycling_benchmark_runs():
+    from benchmarks import recycling
+
+    table = recycling.newton_table(
+        configs=((200, "float64", None),), recycle=(0, 4), repeats=1
+    )
+    rows = {(row[1], row[2]): row for row in table.rows}
+    assert len(rows) == 4
+    for row in rows.values():
+        assert row[7] <= 1e-8, row  # converged (tol 1e-9 relative L1, float64)
+    assert rows[("dense", 4)][5] < rows[("dense", 0)][5]  # fewer CG iterations

@@ -102,18 +102,19 @@ FUNCTIONS = [
 # Jitted with the function and method static: cases of one shape and dtype share a
 # compilation (the suite is dominated by compile time). Trace-time errors still raise.
 @eqx.filter_jit
-def _call(name, method, a):
+def _call(name, method, a, precision="highest"):
     if name == "inv_pth_root":
         return jaxdecomp.inv_pth_root(
             a, 4, method=method, throw=False, full_output=True
         )
     fn = getattr(jaxdecomp, name)
-    return fn(a, method=method, throw=False, full_output=True)
+    kw = {} if precision == "highest" else {"precision": precision}
+    return fn(a, method=method, throw=False, full_output=True, **kw)
 
 
-def _check_matrix_function(name, method, a):
+def _check_matrix_function(name, method, a, precision="highest"):
     try:
-        sol = _call(name, method, jnp.asarray(a))
+        sol = _call(name, method, jnp.asarray(a), precision)
     except (ValueError, TypeError) as e:
         assert name in str(e), str(e)
         return
@@ -139,6 +140,25 @@ def _check_matrix_function(name, method, a):
 )
 def test_matrix_function_edge(name, method, case, dtype):
     _check_matrix_function(name, method, MATRICES[case](dtype))
+
+
+# The tensor-core schemes of the Newton-Schulz paths (float32 only: float64 input
+# ignores them): the least accurate (bfloat16 x 3) and the TF32 rounding.
+SCHEME_FUNCTIONS = [
+    ("sqrtm", "newton_schulz"),
+    ("sqrtm", "mixed"),
+    ("inv_sqrtm", "newton_schulz"),
+    ("sqrtm_and_inv_sqrtm", "newton_schulz"),
+]
+
+
+@pytest.mark.parametrize("precision", ["bf16x3", "tf32x3"])
+@pytest.mark.parametrize("case", list(MATRICES))
+@pytest.mark.parametrize(
+    "name,method", SCHEME_FUNCTIONS, ids=[f"{n}-{m}" for n, m in SCHEME_FUNCTIONS]
+)
+def test_matrix_function_edge_tensor_core_precision(name, method, case, precision):
+    _check_matrix_function(name, method, MATRICES[case](F32), precision)
 
 
 @pytest.mark.parametrize(
@@ -178,10 +198,17 @@ POLAR_INPUTS = {
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", list(POLAR_INPUTS))
-@pytest.mark.parametrize("method", ["svd", "newton_schulz"])
+@pytest.mark.parametrize("method", ["svd", "newton_schulz", "newton_schulz-bf16x3"])
 def test_polar_edge(method, case, dtype):
     a = POLAR_INPUTS[case](dtype)
-    sol = jaxdecomp.polar(jnp.asarray(a), method=method, throw=False, full_output=True)
+    method, _, precision = method.partition("-")
+    sol = jaxdecomp.polar(
+        jnp.asarray(a),
+        method=method,
+        precision=precision or "highest",
+        throw=False,
+        full_output=True,
+    )
     if sol.result != jaxdecomp.RESULTS.successful:
         assert case in ("rank_deficient", "zero", "nan") or (
             case == "k1e8" and dtype == F32
@@ -215,11 +242,17 @@ LYAPUNOV_INPUTS = {
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", list(LYAPUNOV_INPUTS))
-@pytest.mark.parametrize("method", ["eigh", "newton_schulz"])
+@pytest.mark.parametrize("method", ["eigh", "newton_schulz", "newton_schulz-bf16x3"])
 def test_solve_lyapunov_edge(method, case, dtype):
     s, g = (f(dtype) for f in LYAPUNOV_INPUTS[case])
+    method, _, precision = method.partition("-")
     sol = jaxdecomp.solve_lyapunov(
-        jnp.asarray(s), jnp.asarray(g), method=method, throw=False, full_output=True
+        jnp.asarray(s),
+        jnp.asarray(g),
+        method=method,
+        precision=precision or "highest",
+        throw=False,
+        full_output=True,
     )
     if sol.result != jaxdecomp.RESULTS.successful:
         assert case != "spd"
@@ -460,22 +493,34 @@ def _ot_cases():
 
 
 @eqx.filter_jit
-def _ot_solve(solver, x, y, a, b, eps, batch_size=None):  # one compilation each
-    geom = solvers.PointCloud(x, y, batch_size=batch_size)
+def _ot_solve(solver, x, y, a, b, eps, batch_size=None, backend="xla"):
+    # one compilation each
+    geom = solvers.PointCloud(x, y, batch_size=batch_size, backend=backend)
+    if solver == "sinkhorn_newton-recycle":  # deflated Newton-CG (recycle=4)
+        return solvers.sinkhorn_newton(geom, a, b, epsilon=eps, throw=False, recycle=4)
     return getattr(solvers, solver)(geom, a, b, epsilon=eps, throw=False)
 
 
-@pytest.mark.parametrize("batch_size", [None, 5], ids=["dense", "online"])
+@pytest.mark.parametrize(
+    "batch_size", [None, 5, "pallas"], ids=["dense", "online", "online-pallas"]
+)
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", list(_ot_cases()))
-@pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton"])
+@pytest.mark.parametrize(
+    "solver", ["sinkhorn", "sinkhorn_newton", "sinkhorn_newton-recycle"]
+)
 def test_ot_edge(solver, case, dtype, batch_size):
+    backend = "xla"
+    if batch_size == "pallas":  # the fused kernels (interpret mode on the CPU)
+        batch_size, backend = 5, "pallas"
     kw, valid = _ot_cases()[case]
     x, y = _clouds(dtype)
     a = jnp.asarray(kw.get("a", np.full(x.shape[0], 1 / x.shape[0])), dtype)
     b = jnp.asarray(kw.get("b", np.full(y.shape[0], 1 / y.shape[0])), dtype)
     eps = jnp.asarray(kw.get("epsilon", 0.05), dtype)
-    out = _ot_solve(solver, jnp.asarray(x), jnp.asarray(y), a, b, eps, batch_size)
+    out = _ot_solve(
+        solver, jnp.asarray(x), jnp.asarray(y), a, b, eps, batch_size, backend
+    )
     if out.result != solvers.RESULTS.successful:
         assert not valid, out.result
         return

@@ -2,9 +2,6 @@
 online PointCloud (batch_size), rows sharded over devices (axis_name), zero weights
 as padding, warm starts, default epsilon, sinkhorn_divergence."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import equinox as eqx
@@ -16,6 +13,7 @@ from jax.test_util import check_grads
 
 import solvers
 
+from .helpers import run_on_host_devices
 from .test_sinkhorn import problem
 
 F32, F64 = np.float32, np.float64
@@ -771,21 +769,8 @@ _SHARDED = textwrap.dedent(
 
 
 def test_rows_sharded_over_8_devices_match_one_device():
-    env = dict(os.environ)
-    # keep conftest's --xla_backend_optimization_level=0 (a third of the time)
-    flags = env.get("XLA_FLAGS", "")
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
-    run = subprocess.run(
-        [sys.executable, "-c", _SHARDED],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    import json
-
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    # (keeps conftest's --xla_backend_optimization_level=0: a third of the time)
+    out = run_on_host_devices(_SHARDED, 8)
     assert out.pop("raised") is True
     value_err, d_eps_err = out.pop("large_epsilon")
     assert value_err < 1e-13 and d_eps_err < 1e-9, (value_err, d_eps_err)

@@ -439,9 +439,43 @@ def test_newton_rejects_bad_sparse_options():
         ({"hessian": "sparse", "k": 0}, "k must"),
         ({"hessian": "sparse", "kept_mass": 0.0}, "kept_mass"),
         ({"hessian": "sparse", "kept_mass": 1.5}, "kept_mass"),
+        ({"recycle": -1}, "recycle"),
+        ({"recycle": 2.5}, "recycle"),
+        ({"recycle": True}, "recycle"),
     ):
         with pytest.raises(ValueError, match=match):
             solvers.sinkhorn_newton(geom, epsilon=0.1, **kw)
+
+
+@pytest.mark.parametrize("hessian", ["dense", "sparse"])
+def test_newton_recycling_same_solution_fewer_cg_steps(hessian):
+    """`recycle=k`: each Newton step's CG is deflated by the previous step's
+    harmonic Ritz vectors. Same solution (to the tolerance), same gradient (the
+    derivative is implicit), fewer CG iterations (measured 282 -> 113 here)."""
+    x, y, a, b = (jnp.asarray(v) for v in problem(300, 250))
+
+    def solve(x, recycle, m=250):
+        geom = solvers.PointCloud(x, y[:m])
+        aa = a[: x.shape[0]] / jnp.sum(a[: x.shape[0]])
+        bb = b[:m] / jnp.sum(b[:m])
+        return solvers.sinkhorn_newton(
+            geom, aa, bb, epsilon=1e-3, tol=1e-9, hessian=hessian, k=32, recycle=recycle
+        )
+
+    plain, rec = solve(x, 0), solve(x, 8)
+    assert bool(plain.converged) and bool(rec.converged)
+    assert int(rec.n_cg_steps) <= 0.6 * int(plain.n_cg_steps), (
+        int(rec.n_cg_steps),
+        int(plain.n_cg_steps),
+    )
+    np.testing.assert_allclose(rec.f, plain.f, atol=1e-8)
+    np.testing.assert_allclose(rec.reg_ot_cost, plain.reg_ot_cost, rtol=1e-10)
+    grads = [jax.grad(lambda x, r=r: solve(x, r).reg_ot_cost)(x) for r in (0, 8)]
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-6, atol=1e-10)
+    # more vectors than columns: the missing ones are zero rows (no deflation)
+    tiny = solve(x[:12], 16, m=10)
+    assert bool(tiny.converged)
+    assert int(solvers.sinkhorn(solvers.PointCloud(x, y), epsilon=0.1).n_cg_steps) == 0
 
 
 @pytest.mark.parametrize(
