@@ -10,6 +10,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._matmul import Precision, check_precision
 from ._misc import check_matrix, eye_like, fro, mm, mT
 from ._rayleigh_ritz import eigh_functions
 from ._solution import RESULTS, MatrixFunctionSolution
@@ -76,6 +77,7 @@ def inv_pth_root(
     method: Literal["auto", "eigh", "newton_schulz"] = "auto",
     tol: float | None = None,
     max_steps: int = 50,
+    precision: Precision = "highest",
     throw: bool = True,
     full_output: bool = False,
 ) -> Float[Array, "*batch n n"]:
@@ -95,7 +97,9 @@ def inv_pth_root(
         matmul-only, for `p` a power of two, by repeated coupled Newton–Schulz
         square roots ($A^{-1/4} = (A^{1/2})^{-1/2}$), see [`jaxdecomp.sqrtm`][].
         `"auto"`: `"eigh"` (faster on the H100 too; see [`jaxdecomp.sqrtm`][]).
-    - `tol`, `max_steps`, `throw`, `full_output`: as for [`jaxdecomp.sqrtm`][].
+    - `tol`, `max_steps`, `precision`, `throw`, `full_output`: as for
+        [`jaxdecomp.sqrtm`][] (`precision`: the tensor-core schemes of the
+        `"newton_schulz"` matmuls, forward and backward; no effect on `"eigh"`).
 
     **Returns:** $(A + \rho I)^{-1/p}$, same shape and dtype as `a`.
 
@@ -144,6 +148,7 @@ def inv_pth_root(
             f"{name}: method='newton_schulz' needs p to be a power of two; got p={p}. "
             "Use method='eigh'."
         )
+    check_precision(precision, name)
     if method == "auto":
         method = "eigh"
     a_in = a + ridge * eye_like(a) if ridge else a
@@ -152,6 +157,7 @@ def inv_pth_root(
             method="newton_schulz",
             tol=tol,
             max_steps=max_steps,
+            precision=precision,
             throw=throw,
             full_output=True,
         )

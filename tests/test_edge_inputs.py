@@ -103,12 +103,12 @@ FUNCTIONS = [
 # compilation (the suite is dominated by compile time). Trace-time errors still raise.
 @eqx.filter_jit
 def _call(name, method, a, precision="highest"):
+    kw = {} if precision == "highest" else {"precision": precision}
     if name == "inv_pth_root":
         return jaxdecomp.inv_pth_root(
-            a, 4, method=method, throw=False, full_output=True
+            a, 4, method=method, throw=False, full_output=True, **kw
         )
     fn = getattr(jaxdecomp, name)
-    kw = {} if precision == "highest" else {"precision": precision}
     return fn(a, method=method, throw=False, full_output=True, **kw)
 
 
@@ -149,6 +149,7 @@ SCHEME_FUNCTIONS = [
     ("sqrtm", "mixed"),
     ("inv_sqrtm", "newton_schulz"),
     ("sqrtm_and_inv_sqrtm", "newton_schulz"),
+    ("inv_pth_root", "newton_schulz"),
 ]
 
 

@@ -142,6 +142,7 @@ def test_derivatives_both_modes_match_xla_float64():
     np.testing.assert_allclose(jvps["pallas"], jvps["xla"], rtol=1e-9)
 
 
+@pytest.mark.slow  # 30 s; first order in both modes runs by default (vs the XLA passes)
 def test_check_grads_second_order_float64():
     x, y, a, b = _problem(jnp.float64, 12, 10, zero_weights=False)
     eps = jnp.asarray(0.1)
@@ -222,6 +223,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # 32 s in a subprocess; run with --runslow
 def test_rows_sharded_over_4_devices_match_one_device():
     """Rows sharded with `jax.shard_map(check_vma=False)`: value, gradient (outside)
     and jvp as on one device; with check_vma=True a clear trace-time error."""

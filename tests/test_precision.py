@@ -122,6 +122,17 @@ def test_roots_float32_accuracy(fn, method, precision):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
+def test_inv_pth_root_float32_accuracy(precision):
+    a = spd(64, 1e2, 8)
+    ref = eig_fn(a, lambda w: w**-0.25)
+    z = jaxdecomp.inv_pth_root(
+        jnp.asarray(a, jnp.float32), 4, method="newton_schulz", precision=precision
+    )
+    assert z.dtype == jnp.float32
+    assert rel(z, ref) <= ROOT_BOUND[precision], rel(z, ref)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_polar_and_lyapunov_float32_accuracy(precision):
     rng = np.random.default_rng(1)
     g = rng.standard_normal((80, 48)) @ np.diag(np.geomspace(1, 1e-2, 48))
@@ -213,8 +224,16 @@ def test_jit_no_recompile_and_vmap():
         lambda a, p: jaxdecomp.sqrtm_and_inv_sqrtm(a, precision=p),
         lambda a, p: jaxdecomp.polar(a, method="newton_schulz", precision=p),
         lambda a, p: jaxdecomp.solve_lyapunov(a, a, precision=p),
+        lambda a, p: jaxdecomp.inv_pth_root(a, 4, precision=p),
     ],
-    ids=["sqrtm", "inv_sqrtm", "sqrtm_and_inv_sqrtm", "polar", "solve_lyapunov"],
+    ids=[
+        "sqrtm",
+        "inv_sqrtm",
+        "sqrtm_and_inv_sqrtm",
+        "polar",
+        "solve_lyapunov",
+        "inv_pth_root",
+    ],
 )
 @pytest.mark.parametrize("bad", ["fp8", "HIGHEST", None, jax.lax.Precision.HIGHEST])
 def test_bad_precision_raises_at_trace_time(call, bad):
@@ -229,3 +248,27 @@ def test_scheme_failure_is_visible():
     for method in ("newton_schulz", "mixed"):
         with pytest.raises(eqx.EquinoxRuntimeError):
             jaxdecomp.sqrtm(bad, method=method, precision="bf16x3")
+
+
+def test_schemes_lower_for_cuda_to_tensor_core_dots():
+    """Lowered for CUDA (from this CPU machine): `tf32x3` uses XLA's TF32 dot
+    algorithm on TF32-valued parts, the bfloat16 schemes bfloat16 dots; HIGHEST
+    neither."""
+    import re
+
+    from jax import export
+
+    a = jnp.eye(16, dtype=jnp.float32)
+    texts = {}
+    for p in PRECISIONS:
+        fn = jax.jit(
+            lambda m, p=p: jaxdecomp.sqrtm(
+                m, method="newton_schulz", precision=p, throw=False
+            )
+        )
+        texts[p] = export.export(fn, platforms=("cuda",))(a).mlir_module()
+    tf32 = re.compile(r"lhs_precision_type = tf32")
+    assert tf32.search(texts["tf32x3"]) and "bf16" not in texts["tf32x3"]
+    for p in ("bf16x3", "bf16x6"):
+        assert "bf16" in texts[p] and not tf32.search(texts[p])
+    assert "bf16" not in texts["highest"] and not tf32.search(texts["highest"])
