@@ -50,13 +50,17 @@ def _rel(x, ref):
     )
 
 
+def _ref_lyapunov(s, g, f=None):
+    """X with f(S) X + X f(S) = G, in float64 in the eigenbasis of symmetric S."""
+    w, v = np.linalg.eigh(np.asarray(s, np.float64))
+    mu = w if f is None else f(w)
+    gt = np.swapaxes(v, -1, -2) @ np.asarray(g, np.float64) @ v
+    return v @ (gt / (mu[..., :, None] + mu[..., None, :])) @ np.swapaxes(v, -1, -2)
+
+
 def _ref_grad(a, g):
     """d/dA sum(A^{1/2} * G) for symmetric G: the Lyapunov solve X Gam + Gam X = G."""
-    w, v = np.linalg.eigh(np.asarray(a, np.float64))
-    s = np.sqrt(np.maximum(w, 0))
-    gt = np.swapaxes(v, -1, -2) @ np.asarray(g, np.float64) @ v
-    gam = gt / (s[..., :, None] + s[..., None, :])
-    return v @ gam @ np.swapaxes(v, -1, -2)
+    return _ref_lyapunov(a, g, lambda w: np.sqrt(np.maximum(w, 0)))
 
 
 def _song_anchor():
@@ -317,12 +321,6 @@ _PASSES = {"highest": 1, "tf32x3": 3, "bf16x6": 6, "bf16x3": 3}
 def _ref_polar(a):
     w, _, vt = np.linalg.svd(np.asarray(a, np.float64), full_matrices=False)
     return w @ vt
-
-
-def _ref_lyapunov(s, g):
-    w, v = np.linalg.eigh(np.asarray(s, np.float64))
-    gt = np.swapaxes(v, -1, -2) @ np.asarray(g, np.float64) @ v
-    return v @ (gt / (w[..., :, None] + w[..., None, :])) @ np.swapaxes(v, -1, -2)
 
 
 def _scheme_paths(p):

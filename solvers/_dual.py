@@ -12,7 +12,6 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float
 
 from jaxdecomp._misc import default_tol
@@ -150,7 +149,7 @@ def _dual_value_jvp(primals, tangents):
         lambda k, a, b: _hat_dual(k, a, b, eps, *hat), (kernel, a, b), (dk, da, db)
     )
     value = _hat_value(kernel, a, b, eps, *hat)
-    if not isinstance(deps, SymbolicZero):  # (a pass over the cost: only if needed)
+    if not is_zero(deps):  # (a pass over the cost: only if needed)
         tangent = tangent + deps * _hat_kl(kernel, a, b, eps, *hat)
     return value, tangent
 

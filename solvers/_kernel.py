@@ -242,17 +242,21 @@ class Plan(eqx.Module):
     p: Float[Array, "n m"] | None
 
     def _pass(self, fn, row_args=(), combine="sum"):
+        rows, cols = self._pass_local(fn, row_args, combine)
+        return rows, _across(cols, combine, self.kernel.axis_name)
+
+    def _pass_local(self, fn, row_args=(), combine="sum"):
+        """`_pass` over this device's rows (column results not combined across
+        devices)."""
         k, eps = self.kernel, self.eps
         if self.p is not None:
-            rows, cols = fn(self.p, *row_args)
-        else:
-            g, mb = self.g, k.mask_b
+            return fn(self.p, *row_args)
+        g, mb = self.g, k.mask_b
 
-            def block(c, fb, ok, *args):
-                return fn(jnp.exp(logits(fb, g, c, eps, ok, mb)), *args)
+        def block(c, fb, ok, *args):
+            return fn(jnp.exp(logits(fb, g, c, eps, ok, mb)), *args)
 
-            rows, cols = k.geom.row_pass(block, (self.f, k.mask_a, *row_args), combine)
-        return rows, _across(cols, combine, k.axis_name)
+        return k.geom.row_pass(block, (self.f, k.mask_a, *row_args), combine)
 
     @property
     def _fused(self) -> bool:
@@ -278,20 +282,13 @@ class Plan(eqx.Module):
     def rmv(self, u) -> Float[Array, " m"]:
         if self._fused:
             cols = _pallas.fused(_pallas.plan_cols_local, Plan._rmv_local, self, u)
-            return _across(cols, "sum", self.kernel.axis_name)
-        return _across(self._rmv_local(u), "sum", self.kernel.axis_name)
+        else:
+            cols = self._rmv_local(u)
+        return _across(cols, "sum", self.kernel.axis_name)
 
     def _rmv_local(self, u):
         """$P^Tu$ over this device's rows."""
-        k = self.kernel
-        if self.p is not None:
-            return mm(u, self.p)
-        g, mb, eps = self.g, k.mask_b, self.eps
-
-        def block(c, fb, ok, ub):
-            return None, mm(ub, jnp.exp(logits(fb, g, c, eps, ok, mb)))
-
-        return k.geom.row_pass(block, (self.f, k.mask_a, u))[1]
+        return self._pass_local(lambda p, ub: (None, mm(ub, p)), (u,))[1]
 
     def sq_rmv(self, w) -> Float[Array, " m"]:
         """$(P \\circ P)^T w$ (the diagonal of the Newton system)."""

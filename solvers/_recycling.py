@@ -62,9 +62,14 @@ def basis_independent(w):
 
 def prepare_deflation(matvec, w):
     """`(W, AW)` A-orthonormal rows for `cg_loop(deflation=...)` from rows `w`:
-    k matvecs and O(n k^2) work. Also returns the rank kept."""
+    k matvecs (batched; skipped for an all-zero `w`, e.g. nothing recycled yet or a
+    rejected basis) and O(n k^2) work. Also returns the rank kept."""
     w = lax.stop_gradient(w)
-    aw = lax.stop_gradient(jax.vmap(matvec)(w))
+    aw = lax.stop_gradient(
+        lax.cond(
+            jnp.any(w != 0), lambda: jax.vmap(matvec)(w), lambda: jnp.zeros_like(w)
+        )
+    )
     q, aq, _, rank = a_orthonormalise(w, aw)
     return (q, aq), rank
 

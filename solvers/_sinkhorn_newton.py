@@ -13,7 +13,7 @@ from ._dual import safe_log
 from ._geometry import AbstractGeometry, sum_devices, varying
 from ._misc import pcg
 from ._ot_problem import solve
-from ._recycling import a_orthonormalise, harmonic_ritz
+from ._recycling import harmonic_ritz, prepare_deflation
 from ._sinkhorn import marginal_errors
 from ._solution import OTSolution
 from ._sparse_k import check_concrete, sparse_k
@@ -136,15 +136,10 @@ def _newton_cg(matvec, diag, rhs, eta, max_steps: int, w, recycle: int):
         delta, its, _, _ = pcg(matvec, rhs, 1.0 / diag, eta, max_steps)
         return delta, its, w
 
-    aw = lax.cond(
-        jnp.any(w != 0),
-        lambda: jax.vmap(matvec)(w),
-        lambda: jnp.zeros_like(w),
-    )
-    q, aq, _, _ = a_orthonormalise(w, aw)
+    deflation, _ = prepare_deflation(matvec, w)
     window = max(2 * recycle, 10)
     delta, its, _, recorded = pcg(
-        matvec, rhs, 1.0 / diag, eta, max_steps, (q, aq), window
+        matvec, rhs, 1.0 / diag, eta, max_steps, deflation, window
     )
 
     def precond(r):

@@ -752,6 +752,17 @@ _SHARDED = textwrap.dedent(
         in_specs=(P("i"), P(), P("i"), P(), P()), out_specs=P())
     v, d = jax.jit(jax.value_and_grad(big_sharded, argnums=4))(*args, 100.0)
     out_big = [float(abs(v - ref_v) / abs(ref_v)), float(abs(d - ref_d) / abs(ref_d))]
+    # Newton-CG with recycling (its basis and Ritz extraction on column quantities),
+    # sharded with check_vma=True: the same solve and CG count as on one device
+    def rec(x, a, axis=None):
+        sol = solvers.sinkhorn_newton(solvers.PointCloud(x, y, axis_name=axis), a, b,
+                                      epsilon=1e-2, recycle=4)
+        return sol.reg_ot_cost, sol.n_cg_steps
+    ref_rec = rec(x, a)
+    got_rec = jax.jit(jax.shard_map(functools.partial(rec, axis="i"), mesh=mesh,
+                                    in_specs=(P("i"), P("i")), out_specs=(P(), P())))(
+        args[0], args[2])
+    out_rec = [float(abs(got_rec[0] - ref_rec[0])), int(got_rec[1]), int(ref_rec[1])]
     # a failed solve raises under check_vma=True too (the check on a scalar token)
     fail = jax.jit(jax.shard_map(
         lambda x, y: solvers.sinkhorn(solvers.PointCloud(x, y, axis_name="i"),
@@ -763,6 +774,7 @@ _SHARDED = textwrap.dedent(
     except Exception as e:
         out["raised"] = "max_steps" in str(e)
     out["large_epsilon"] = out_big
+    out["recycle"] = out_rec
     print(json.dumps(out))
     """
 )
@@ -774,6 +786,8 @@ def test_rows_sharded_over_8_devices_match_one_device():
     assert out.pop("raised") is True
     value_err, d_eps_err = out.pop("large_epsilon")
     assert value_err < 1e-13 and d_eps_err < 1e-9, (value_err, d_eps_err)
+    rec_err, rec_cg, ref_cg = out.pop("recycle")
+    assert rec_err < 1e-13 and rec_cg == ref_cg > 0, (rec_err, rec_cg, ref_cg)
     for name, r in out.items():
         assert r["f"] < 1e-12 and r["g"] < 1e-12 and r["cost"] < 1e-13, (name, r)
         assert r["grad"] < 1e-12, (name, r)

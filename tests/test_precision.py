@@ -153,7 +153,7 @@ def test_polar_and_lyapunov_float32_accuracy(precision):
     assert rel(x, ref) <= ROOT_BOUND[precision], rel(x, ref)
 
 
-def _fd_reference_derivatives(a, da, cot):
+def _eigh_reference_derivatives(a, da, cot):
     """Float64 derivatives of A^{1/2}: jvp along da and the vjp of cot (eigh)."""
     a64 = jnp.asarray(a)
     _, t = jax.jvp(lambda m: jaxdecomp.sqrtm(m, method="eigh"), (a64,), (da,))
@@ -168,7 +168,7 @@ def test_float32_derivatives_both_modes(precision):
     a = spd(48, 1e2, 4)
     da = spd(48, 10.0, 5)
     cot = np.random.default_rng(6).standard_normal((48, 48))
-    t_ref, g_ref = _fd_reference_derivatives(a, jnp.asarray(da), cot)
+    t_ref, g_ref = _eigh_reference_derivatives(a, jnp.asarray(da), cot)
 
     def f(m):
         return jaxdecomp.sqrtm(
