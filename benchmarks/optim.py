@@ -422,8 +422,20 @@ def root_tables(full: bool):
         exact = w @ vt
         methods = {
             "jaxdecomp polar_express (6 steps)": lambda x: optim.orthogonalize(x),
+            "jaxdecomp polar_express, precision tf32x3": lambda x: optim.orthogonalize(
+                x, precision="tf32x3"
+            ),
+            "jaxdecomp polar_express, precision bf16x3": lambda x: optim.orthogonalize(
+                x, precision="bf16x3"
+            ),
             "jaxdecomp newton_schulz (to tol)": lambda x: optim.orthogonalize(
                 x, method="newton_schulz"
+            ),
+            "jaxdecomp newton_schulz, precision tf32x3": lambda x: optim.orthogonalize(
+                x, method="newton_schulz", precision="tf32x3"
+            ),
+            "jaxdecomp newton_schulz, precision bf16x3": lambda x: optim.orthogonalize(
+                x, method="newton_schulz", precision="bf16x3"
             ),
             "svd": lambda x: optim.orthogonalize(x, method="svd"),
             "eigh of G^T G": _eigh_polar,
@@ -456,11 +468,13 @@ def root_tables(full: bool):
                 err,
             )
             print(f"  root {shape} {name}: {1e3 * t:.2f} ms", flush=True)
-    table.notes.append(
+    table.notes += [
         "CPU timings use HIGHEST-precision matmuls for jaxdecomp (the brief's rule) "
-        "and "
-        "optax's default precision for its quintic (the same on CPU)."
-    )
+        "and optax's default precision for its quintic (the same on CPU).",
+        "precision tf32x3 / bf16x3 (`precision=`): the Newton-Schulz matmuls as split "
+        "TF32 / bfloat16 products (tensor cores on a GPU); on the CPU each is "
+        "several HIGHEST matmuls (slower here): these rows measure the accuracy.",
+    ]
 
     shp = Table(
         "Shampoo's inverse 4th roots: a batch of 16 block statistics 128x128 (float32, "

@@ -162,6 +162,7 @@ def run(
     systems: int | None = None,
     sequences: tuple[str, ...] = ("heat", "fields"),
     neural_inverse: bool = True,
+    newton: bool = True,
     recycle: tuple[int, ...] | None = None,
     methods: tuple[str, ...] | None = None,
     repeats: int = 3,
@@ -183,11 +184,8 @@ def run(
     )
     heat, u0, fields, ones = _sequences(n, steps, systems, dtype)
     pre = _preconditioners()
-    if methods is None and full:
-        # IC(0)'s level-scheduled triangular solves cost ~13 ms per application at
-        # 256^2 on a 2-core CPU: its rows would take about an hour; they are in the
-        # default (128^2) run
-        methods = ("Jacobi", "Multigrid")
+    # (IC(0)'s level-scheduled triangular solves cost ~4.3 ms per application at
+    # 256^2 on an idle 2-core CPU: its rows add about 20 minutes to `full`)
     if methods is not None:
         pre = {k: v for k, v in pre.items() if k in methods}
 
@@ -274,7 +272,7 @@ def run(
         "warm-started like the JAX rows; 'rebuilt' includes the set-up of every "
         "hierarchy, 'reused' builds one on the first system.",
     ]
-    tables = [table, newton_table()]
+    tables = [table, newton_table()] if newton else [table]
     if not neural_inverse:
         return tables
     sizes = (64, 128, 256, 512) if full else (64, 128, 256)

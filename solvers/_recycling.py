@@ -17,29 +17,40 @@ def _eig_floor(dtype, size: int):
     return 10 * size * float(jnp.finfo(dtype).eps)
 
 
+def _orthonormalising_transform(w, aw, extra=None):
+    """For rows `w` (with `aw = A w`): `(t, keep)`, the `(m, m)` matrix with rows
+    v_i / sqrt(d_i) of the row-normalised Gram matrix W A W^T = V D V^T (zero rows
+    for the numerically dependent directions and for non-finite rows), so that
+    `t @ w` has q A q^T = I on the kept directions, and the three row sets with
+    their non-finite rows zeroed. O(n m^2) for the Gram matrix only: callers that
+    need combinations of the rows, not the rows, never form `t @ w`."""
+    finite = jnp.all(jnp.isfinite(w), axis=1) & jnp.all(jnp.isfinite(aw), axis=1)
+    if extra is not None:
+        finite = finite & jnp.all(jnp.isfinite(extra), axis=1)
+
+    def zero(x):
+        return None if x is None else jnp.where(finite[:, None], x, 0)
+
+    w, aw, extra = zero(w), zero(aw), zero(extra)
+    # normalise rows first (the Gram matrix's eigenvalues then measure the angles
+    # between the directions, not their lengths)
+    scale = jnp.linalg.norm(w, axis=1)
+    inv_scale = jnp.where(finite & (scale > 0), 1 / jnp.where(scale > 0, scale, 1), 0)
+    gram = sym(mm(w, aw.T) * inv_scale[:, None] * inv_scale[None, :])
+    d, v = jnp.linalg.eigh(gram)
+    keep = d > _eig_floor(w.dtype, w.shape[0]) * jnp.maximum(jnp.max(d), 0)
+    inv_sqrt = jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, d, 1)), 0)
+    t = (v * inv_sqrt).T * inv_scale[None, :]  # rows v_i / sqrt(d_i), unscaled
+    return t, keep, (w, aw, extra)
+
+
 def a_orthonormalise(w, aw, extra=None):
     """Rows `w` (with `aw = A w`) -> rows `q`, `aq` spanning the same space with
     q A q^T = I on the numerically independent directions and zero rows for the
     rest (non-finite rows count as dependent); `extra` (rows of a linear image of
     `w`, e.g. M^{-1} A w) gets the same transformation. Returns `q, aq, extra_q,
     rank`."""
-    finite = jnp.all(jnp.isfinite(w), axis=1) & jnp.all(jnp.isfinite(aw), axis=1)
-    if extra is not None:
-        finite = finite & jnp.all(jnp.isfinite(extra), axis=1)
-    # normalise rows first (the Gram matrix's eigenvalues then measure the angles
-    # between the directions, not their lengths)
-    scale = jnp.linalg.norm(jnp.where(finite[:, None], w, 0), axis=1)
-    scale = jnp.where(finite & (scale > 0), scale, jnp.inf)
-
-    def prep(x):
-        return None if x is None else jnp.where(finite[:, None], x, 0) / scale[:, None]
-
-    w, aw, extra = prep(w), prep(aw), prep(extra)
-    gram = sym(mm(w, aw.T))
-    d, v = jnp.linalg.eigh(gram)
-    keep = d > _eig_floor(w.dtype, w.shape[0]) * jnp.maximum(jnp.max(d), 0)
-    inv_sqrt = jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, d, 1)), 0)
-    t = (v * inv_sqrt).T  # rows v_i / sqrt(d_i)
+    t, keep, (w, aw, extra) = _orthonormalising_transform(w, aw, extra)
     return (
         mm(t, w),
         mm(t, aw),
@@ -87,21 +98,33 @@ def harmonic_ritz(recorded, precond, k: int):
     are the ones that slow CG down). Directions that are dependent or non-finite
     are dropped; when fewer than `k` remain, the missing vectors are zero rows (no
     deflation in them). Returns rows `(k, n)` normalised to unit 2-norm and the
-    values `(k,)` (inf where missing)."""
+    values `(k,)` (inf where missing).
+
+    Solved in coefficient space: with T the A-orthonormalising transform of the m
+    rows of Z (from the m x m Gram matrix), C = T (AZ)(M^{-1}AZ)^T T^T, and only
+    the k result rows Y T Z are formed: two m x m x n Gram products and one
+    k x m x n product, instead of transforming all three row sets: measured
+    1.3-1.9x faster (n = 16384-65536, k = 16-32; at 128^2 with k = 32 the old
+    extraction took 67-88 ms of the ~110 ms that recycling added per system with
+    Multigrid)."""
     z, az, maz = (None if x is None else lax.stop_gradient(x) for x in recorded)
-    q, aq, maq, _ = a_orthonormalise(z, az, maz)
-    valid = jnp.linalg.norm(q, axis=1) > 0
-    if maq is None:
+    t, valid, (z, az, maz) = _orthonormalising_transform(z, az, maz)
+    if maz is None:
+        # a flexible (possibly nonlinear) preconditioner: applied to the
+        # A-orthonormal rows themselves
+        aq = mm(t, az)
         maq = jax.vmap(precond)(aq)
-    maq = jnp.where(valid[:, None] & jnp.isfinite(maq), maq, 0)
-    c = sym(mm(aq, maq.T))
+        maq = jnp.where(valid[:, None] & jnp.isfinite(maq), maq, 0)
+        c = sym(mm(aq, maq.T))
+    else:
+        c = sym(mm(mm(t, mm(az, maz.T)), t.T))
     # dropped directions get an eigenvalue above every valid one (the valid block is
     # positive semidefinite, so its eigenvalues are at most its trace)
     big = 1 + 2 * jnp.sum(jnp.abs(jnp.diag(c)))
     theta, u = jnp.linalg.eigh(c + jnp.diag(jnp.where(valid, 0, big)))
     theta, u = theta[:k], u[:, :k]
     ok = theta < big / 2
-    vectors = mm(u.T, q)
+    vectors = mm(mm(u.T, t), z)
     norms = jnp.linalg.norm(vectors, axis=1, keepdims=True)
     ok = ok & (norms[:, 0] > 0)
     vectors = jnp.where(ok[:, None], vectors / jnp.where(ok[:, None], norms, 1), 0)

@@ -262,3 +262,30 @@ def test_newton_recycling_benchmark_runs():
     for row in rows.values():
         assert row[7] <= 1e-8, row  # converged (tol 1e-9 relative L1, float64)
     assert rows[("dense", 4)][5] < rows[("dense", 0)][5]  # fewer CG iterations
+
+
+def test_recycling_sequence_benchmark_runs():
+    from benchmarks import recycling
+
+    (table,) = recycling.run(
+        n=16,
+        steps=3,
+        systems=3,
+        recycle=(4,),
+        methods=("Jacobi",),
+        neural_inverse=False,
+        newton=False,
+        repeats=1,
+        host_anchors=False,
+    )
+    strategies = [(row[0], row[2]) for row in table.rows]
+    assert strategies == [
+        ("heat", "warm-started PCG"),
+        ("heat", "recycle k=4"),
+        ("fields", "warm-started PCG"),
+        ("fields", "recycle k=4"),
+        ("fields", "greedy order, warm PCG"),
+        ("fields", "greedy order + recycle k=4"),
+    ]
+    for row in table.rows:
+        assert row[3] > 0 and row[5] < 1e-7, row  # converged, true residual small

@@ -100,6 +100,59 @@ def test_orthogonalize_rank_deficient_zero_and_float32():
         optim.orthogonalize(g, method="qr")
 
 
+@pytest.mark.parametrize("precision", ["tf32x3", "bf16x6", "bf16x3"])
+def test_orthogonalize_precision_schemes(precision):
+    """Tensor-core schemes in Muon's float32 orthogonalization: the same result as
+    HIGHEST to the scheme's accuracy, both Newton-Schulz methods; float64 and the
+    SVD ignore the option (bit-identical)."""
+    g = jr.normal(jr.key(3), (2, 48, 24), jnp.float32)
+    w, _, vt = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
+    ref = w @ vt
+    bound = 3e-4 if precision == "bf16x3" else 2e-5
+    for method in ("polar_express", "newton_schulz"):
+        hi = optim.orthogonalize(g, method=method)
+        lo = jax.jit(
+            lambda x, m=method: optim.orthogonalize(x, method=m, precision=precision)
+        )(g)
+        assert lo.dtype == jnp.float32 and lo.shape == g.shape
+        assert float(jnp.max(jnp.abs(lo - hi))) < bound, method
+        if method == "newton_schulz":
+            assert float(np.max(np.abs(np.asarray(lo, np.float64) - ref))) < 2 * bound
+    g64 = g.astype(jnp.float64)
+    np.testing.assert_array_equal(
+        optim.orthogonalize(g64, precision=precision), optim.orthogonalize(g64)
+    )
+    np.testing.assert_array_equal(
+        optim.orthogonalize(g, method="svd", precision=precision),
+        optim.orthogonalize(g, method="svd"),
+    )
+
+
+@standard
+def test_muon_precision_passes_through_and_bad_precision_raises():
+    params = {"w": jnp.ones((12, 6), jnp.float32) * 0.1, "b": jnp.zeros(6, jnp.float32)}
+    grads = _grads(jr.key(4), params)
+    outs = {}
+    for precision in ("highest", "bf16x6", "bf16x3"):
+        opt = optim.muon(0.02, precision=precision)
+        up, state = jax.jit(opt.update)(grads, opt.init(params), params)
+        outs[precision] = up
+        assert up["w"].dtype == jnp.float32
+    d = np.asarray(outs["highest"]["w"])
+    assert float(np.max(np.abs(np.asarray(outs["bf16x6"]["w"]) - d))) < 1e-6
+    # bf16x3 really runs a different (less accurate) product, still within 3e-4 of
+    # the HIGHEST update relative to its 0.02 scale
+    diff = float(np.max(np.abs(np.asarray(outs["bf16x3"]["w"]) - d)))
+    assert 0 < diff < 0.02 * 3e-4
+    for bad in ("fp8", None, jax.lax.Precision.HIGHEST):
+        with pytest.raises(ValueError, match="precision"):
+            optim.muon(0.02, precision=bad)
+        with pytest.raises(ValueError, match="precision"):
+            optim.scale_by_muon(precision=bad)
+        with pytest.raises(ValueError, match="precision"):
+            optim.orthogonalize(params["w"], precision=bad)
+
+
 # ---------------------------------------------------------------------------- muon
 
 

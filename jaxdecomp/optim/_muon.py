@@ -11,6 +11,7 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array
 
+from .._matmul import Precision, check_precision
 from .._misc import mm
 from .._newton_schulz import DESIGN_ELL
 from .._polar import polar
@@ -39,12 +40,14 @@ def orthogonalize(
     method: Literal["polar_express", "newton_schulz", "svd"] = "polar_express",
     ns_steps: int | None = None,
     tol: float | None = None,
+    precision: Precision = "highest",
 ) -> Array:
     r"""The orthogonalized update $U V^T$ of $G = U \Sigma V^T$ (batched over leading
     dimensions), as Muon applies to its momentum, with singular values that are zero
     (or negligible) mapped to zero instead of one.
 
-    **Arguments:** `g` (float array, `(..., m, n)`), `method`, `ns_steps`, `tol`:
+    **Arguments:** `g` (float array, `(..., m, n)`), `method`, `ns_steps`, `tol`,
+    `precision`:
 
     - `"polar_express"` (default): `ns_steps` (default 6) steps of
       [`jaxdecomp.polar`][]'s Newton–Schulz iteration from $G/\|G\|_F$ with the
@@ -57,6 +60,11 @@ def orthogonalize(
       rank-deficient $G$ runs all `ns_steps`.
     - `"svd"`: $W\,\mathrm{diag}(\sigma_i > \max(m,n)\,\varepsilon\,\sigma_1)\,V^T$
       from an SVD, the exact reference.
+    - `precision` (default `"highest"`): how the float32 matmuls of the two
+      Newton–Schulz methods are computed, as [`jaxdecomp.polar`][]'s `precision`:
+      `"tf32x3"` / `"bf16x6"` run them on tensor cores at float32 accuracy,
+      `"bf16x3"` at about $2^{-16}$ (ample for Muon's $10^{-3}$ target). float64
+      input and `"svd"` ignore it.
 
     **Returns:** an array of `g`'s shape and dtype. A zero matrix gives zero.
 
@@ -78,6 +86,7 @@ def orthogonalize(
         raise ValueError(
             f"orthogonalize: method must be one of {_METHODS}; got {method!r}."
         )
+    check_precision(precision, "orthogonalize")
     g = no_derivative(g)
     if g.size == 0:  # an empty parameter has an empty update
         return g
@@ -103,6 +112,7 @@ def orthogonalize(
         max_steps=steps,
         throw=False,
         full_output=True,
+        precision=precision,
     )
     return jnp.where(nonzero, sol.value, 0).astype(out_dtype)
 
@@ -158,6 +168,7 @@ def scale_by_muon(
     mu_dtype=None,
     weight_dimension_numbers: Any = None,
     throw: bool = True,
+    precision: Precision = "highest",
 ) -> optax.GradientTransformation:
     r"""Muon's direction for every leaf it receives (all must have ndim >= 2):
     momentum $M \leftarrow \beta M + G$ (Nesterov: $G + \beta M$ is orthogonalized),
@@ -168,7 +179,8 @@ def scale_by_muon(
     every leaf. Non-finite gradients: see [`muon`][jaxdecomp.optim.muon].
 
     **Arguments:** `beta`, `nesterov`, `method`, `ns_steps`, `tol`, `mu_dtype`,
-    `throw` as [`muon`][jaxdecomp.optim.muon]; `weight_dimension_numbers` as above.
+    `throw`, `precision` as [`muon`][jaxdecomp.optim.muon];
+    `weight_dimension_numbers` as above.
 
     **Returns:** an `optax.GradientTransformation` with a
     [`ScaleByMuonState`][jaxdecomp.optim.ScaleByMuonState] (`count`, `mu`,
@@ -188,6 +200,7 @@ def scale_by_muon(
     """
     if method not in _METHODS:
         raise ValueError(f"muon: method must be one of {_METHODS}; got {method!r}.")
+    check_precision(precision, "muon")
 
     def dims_for(params):
         dims = weight_dimension_numbers
@@ -225,7 +238,9 @@ def scale_by_muon(
 
         def one(d, dim):
             view, unview, fan_in, fan_out = _matrix_view(d, dim)
-            u = orthogonalize(view(d), method=method, ns_steps=ns_steps, tol=tol)
+            u = orthogonalize(
+                view(d), method=method, ns_steps=ns_steps, tol=tol, precision=precision
+            )
             if d.size == 0:  # an empty parameter: an empty update
                 return jnp.zeros_like(d)
             return unview(u * math.sqrt(max(1.0, fan_out / fan_in))).astype(d.dtype)
@@ -266,6 +281,7 @@ def muon(
     adam_learning_rate: optax.ScalarOrSchedule | None = None,
     muon_weight_dimension_numbers: Any = None,
     throw: bool = True,
+    precision: Precision = "highest",
 ) -> optax.GradientTransformation:
     r"""Muon (Jordan et al. 2024) with an accurate orthogonalization from
     [`jaxdecomp.polar`][]: for each matrix parameter,
@@ -288,6 +304,12 @@ def muon(
       precision), which maps every singular value in $[10^{-3}, 1]\|G\|_F$ to within
       $10^{-3}$ of 1; optax's default (5 fixed-quintic steps) leaves them in about
       $[0.7, 1.2]$. `"newton_schulz"` iterates to `tol`, `"svd"` is exact.
+    - `precision`: the Newton–Schulz matmuls' scheme, as
+      [`jaxdecomp.polar`][]: `"highest"` (default, float32 on CUDA cores),
+      `"tf32x3"` / `"bf16x6"` (tensor cores, float32 accuracy), `"bf16x3"`
+      (tensor cores, about $2^{-16}$ per product: the orthogonalization stays
+      within its $10^{-3}$ target). Ignored for float64 and `"svd"`. An unknown
+      value raises at construction.
     - `weight_decay`: decoupled weight decay on the Muon parameters.
     - `mu_dtype`: dtype of the momentum (default: the parameter's). bfloat16 and
       float16 momenta are orthogonalized in float32 and cast back.
@@ -383,6 +405,7 @@ def muon(
                     mu_dtype=mu_dtype,
                     weight_dimension_numbers=muon_dims,
                     throw=throw,
+                    precision=precision,
                 ),
                 optax.add_decayed_weights(weight_decay),
                 optax.scale_by_learning_rate(learning_rate),
