@@ -185,7 +185,8 @@ def run(
     heat, u0, fields, ones = _sequences(n, steps, systems, dtype)
     pre = _preconditioners()
     # (IC(0)'s level-scheduled triangular solves cost ~4.3 ms per application at
-    # 256^2 on an idle 2-core CPU: its rows add about 20 minutes to `full`)
+    # 256^2 on an idle 2-core CPU: its rows add about 15 minutes to `full`: 3.3 + 12.1
+    # minutes measured for heat + fields, 2026-12-06)
     if methods is not None:
         pre = {k: v for k, v in pre.items() if k in methods}
 

@@ -18,12 +18,13 @@ def _eig_floor(dtype, size: int):
 
 
 def _orthonormalising_transform(w, aw, extra=None):
-    """For rows `w` (with `aw = A w`): `(t, keep)`, the `(m, m)` matrix with rows
+    """For rows `w` (with `aw = A w`, and optional `extra` rows of a linear image of
+    `w`): `(t, keep, (w, aw, extra))` — the `(m, m)` matrix `t` with rows
     v_i / sqrt(d_i) of the row-normalised Gram matrix W A W^T = V D V^T (zero rows
     for the numerically dependent directions and for non-finite rows), so that
-    `t @ w` has q A q^T = I on the kept directions, and the three row sets with
-    their non-finite rows zeroed. O(n m^2) for the Gram matrix only: callers that
-    need combinations of the rows, not the rows, never form `t @ w`."""
+    `t @ w` has q A q^T = I on the kept directions; `keep` marks those; and the
+    row sets with their non-finite rows zeroed. O(n m^2) for the Gram matrix only:
+    callers that need combinations of the rows, not the rows, never form `t @ w`."""
     finite = jnp.all(jnp.isfinite(w), axis=1) & jnp.all(jnp.isfinite(aw), axis=1)
     if extra is not None:
         finite = finite & jnp.all(jnp.isfinite(extra), axis=1)
@@ -44,19 +45,12 @@ def _orthonormalising_transform(w, aw, extra=None):
     return t, keep, (w, aw, extra)
 
 
-def a_orthonormalise(w, aw, extra=None):
+def a_orthonormalise(w, aw):
     """Rows `w` (with `aw = A w`) -> rows `q`, `aq` spanning the same space with
     q A q^T = I on the numerically independent directions and zero rows for the
-    rest (non-finite rows count as dependent); `extra` (rows of a linear image of
-    `w`, e.g. M^{-1} A w) gets the same transformation. Returns `q, aq, extra_q,
-    rank`."""
-    t, keep, (w, aw, extra) = _orthonormalising_transform(w, aw, extra)
-    return (
-        mm(t, w),
-        mm(t, aw),
-        None if extra is None else mm(t, extra),
-        jnp.sum(keep),
-    )
+    rest (non-finite rows count as dependent). Returns `q, aq, rank`."""
+    t, keep, (w, aw, _) = _orthonormalising_transform(w, aw)
+    return mm(t, w), mm(t, aw), jnp.sum(keep)
 
 
 def basis_independent(w):
@@ -81,7 +75,7 @@ def prepare_deflation(matvec, w):
             jnp.any(w != 0), lambda: jax.vmap(matvec)(w), lambda: jnp.zeros_like(w)
         )
     )
-    q, aq, _, rank = a_orthonormalise(w, aw)
+    q, aq, rank = a_orthonormalise(w, aw)
     return (q, aq), rank
 
 

@@ -115,6 +115,13 @@ def test_orthogonalize_precision_schemes(precision):
             lambda x, m=method: optim.orthogonalize(x, method=m, precision=precision)
         )(g)
         assert lo.dtype == jnp.float32 and lo.shape == g.shape
+        looped = jnp.stack(
+            [optim.orthogonalize(x, method=method, precision=precision) for x in g]
+        )
+        vmapped = jax.vmap(
+            lambda x, m=method: optim.orthogonalize(x, method=m, precision=precision)
+        )(g)
+        np.testing.assert_allclose(vmapped, looped, atol=1e-6)
         assert float(jnp.max(jnp.abs(lo - hi))) < bound, method
         if method == "newton_schulz":
             assert float(np.max(np.abs(np.asarray(lo, np.float64) - ref))) < 2 * bound
