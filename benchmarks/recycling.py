@@ -5,8 +5,8 @@ same sequence (hierarchy rebuilt per system vs reused).
 
 Two sequences on 2-D variable-coefficient diffusion (log-normal fields, log-variance
 1.5, as in the `cg` benchmark), one stopping rule for every entry
-(||b - A x|| <= rtol ||b||, the recursively updated residual; rtol 1e-8, float64 on
-CPU):
+(||b - A x|| <= rtol ||b||, checked on the true residual by `solvers.cg`; SciPy stops
+on its recursive one; rtol 1e-8, float64 on CPU):
 
 - `heat_steps`: implicit-Euler steps (I + dt A/h^2) u_{k+1} = u_k, dt = 1e-2, in the
   h^2-scaled form (A + s I) u_{k+1} = s u_k with s = h^2/dt = 1/(n^2 dt), u_0

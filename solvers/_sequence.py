@@ -25,7 +25,8 @@ class SequenceSolution(eqx.Module):
 
     - `x`: solutions, shape `(N, n)`.
     - `n_steps`: CG iterations per system, shape `(N,)`.
-    - `residual_norm`: final (recursively updated) residual norm per system.
+    - `residual_norm`: final residual norm per system (the true residual
+        $\\|b - Ax\\|_2$ where it was checked: see [`solvers.cg`][]).
     - `converged`: per system.
     - `result`: a [`solvers.RESULTS`][] code per system.
     - `order`: the order in which the systems were solved (a permutation of

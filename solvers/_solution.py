@@ -48,6 +48,14 @@ class RESULTS(eqx.Enumeration):
         "transposed solves of its derivative need a symmetric positive definite "
         "operator. Use a nonsymmetric solver (e.g. lineax.GMRES)."
     )
+    inaccurate = (
+        "cg: the recursively updated residual reached the tolerance but the true "
+        "residual ||b - Ax|| did not, also after replacing the residual by the true "
+        "one and iterating on: the tolerance is below what this dtype attains for "
+        "this system (about eps ||A|| ||x||, e.g. 1e-3 relative in float32 at "
+        "condition number 1e4). Use float64, a looser rtol, or throw=False to keep "
+        "the best iterate (its true residual is the last residual_norms entry)."
+    )
     invalid_deflation = (
         "cg: the deflation basis W is not finite or is (numerically) rank-deficient "
         "(its normalised columns' Gram matrix has an eigenvalue at rounding level); "

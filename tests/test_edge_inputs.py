@@ -347,6 +347,8 @@ def _cg_cases():
         "huge_rhs": (_SPD4, 1e25 * np.ones(4), {}),
         "nan_preconditioner": (_SPD4, np.ones(4), {"preconditioner": "nan"}),
         "zero_preconditioner": (_SPD4, np.ones(4), {"preconditioner": "zero"}),
+        # the recursive residual reaches eps, the true one stops near eps kappa
+        "unattainable_rtol": (_spd(10, 1e3, F64), np.ones(10), {"rtol": "eps"}),
     }
 
 
@@ -368,6 +370,8 @@ def test_cg_edge(case, dtype, solver):
         kw["preconditioner"] = lambda r: r * jnp.nan
     elif kw.get("preconditioner") == "zero":
         kw["preconditioner"] = lambda r: 0 * r
+    if kw.get("rtol") == "eps":
+        kw["rtol"] = float(np.finfo(dtype).eps)
     a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     if solver == "cg":
         sol = solvers.cg(a, b, throw=False, **kw)
@@ -392,6 +396,8 @@ def test_cg_edge(case, dtype, solver):
             jax.tree_util.tree_map(lambda c: c[i], seq.result) for i in (0, 1)
         )
         ok = [r == solvers.RESULTS.successful for r in (first, second)]
+        if case == "unattainable_rtol":
+            assert first == second == solvers.RESULTS.inaccurate
         if not all(ok):
             assert case not in ("spd", "zero_rhs", "tiny_rhs", "huge_rhs"), ok
             return
@@ -403,6 +409,19 @@ def test_cg_edge(case, dtype, solver):
             converged=sol.converged,
             result=second,
         )
+    if case == "unattainable_rtol":
+        # not `converged` on the recursive residual: the true one is checked, and
+        # the best iterate comes back with its true residual
+        assert sol.result == solvers.RESULTS.inaccurate and not bool(sol.converged)
+        a64, b64, x64 = (np.asarray(v, F64) for v in (a, b, sol.x))
+        true = np.linalg.norm(b64 - a64 @ x64)
+        last = float(sol.residual_norms[sol.n_steps])
+        assert last > kw["rtol"] * np.linalg.norm(b64)
+        # ... up to the rounding of evaluating b - A x in the dtype
+        rounding = len(b64) * kw["rtol"] * np.linalg.norm(
+            np.abs(b64) + np.abs(a64) @ np.abs(x64)
+        )
+        assert abs(last - true) <= rounding, (last, true, rounding)
     if sol.result != solvers.RESULTS.successful:
         assert case not in ("spd", "zero_rhs", "tiny_rhs", "huge_rhs")
         return

@@ -98,8 +98,10 @@ def test_harmonic_ritz_values_are_the_small_eigenvalues():
     are exact eigenpairs of M^{-1} A: the smallest ones."""
     a, _, b = spectrum_system(n=24, n_small=3)
     d = jnp.diag(a)
+    # kappa = 1e6: the true residual stops near 1e-11 in float64, so 1e-10 (36
+    # steps, past the 24 recorded) rather than an unattainable 1e-14 (`inaccurate`)
     sol = solvers.cg(
-        a, b, preconditioner=lambda r: r / d, rtol=1e-14, recycle=3, window=24
+        a, b, preconditioner=lambda r: r / d, rtol=1e-10, recycle=3, window=24
     )
     s = 1 / np.sqrt(np.asarray(d))
     lam = np.linalg.eigvalsh(s[:, None] * np.asarray(a) * s[None, :])
