@@ -13,9 +13,9 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from jaxdecomp._cg_loop import scaled_cg_loop
 from jaxdecomp._misc import default_tol, mm, stop_gradient_arrays
 
-from ._misc import scaled_cg_loop
 from ._recycling import basis_independent, harmonic_ritz, prepare_deflation
 from ._solution import RESULTS
 

@@ -342,7 +342,7 @@ def test_convergence_is_judged_on_the_true_residual():
     Without the check (the iteration alone, as jax.scipy's CG) the default rtol
     3.5e-4 is reported met at a true residual of 2.4e-3; with it the residual is
     replaced and CG goes on until the true residual meets rtol."""
-    from solvers._misc import scaled_cg_loop
+    from jaxdecomp._cg_loop import scaled_cg_loop
 
     op, b, jacobi = _diffusion_f32()
     rtol = float(np.finfo(np.float32).eps) ** 0.5

@@ -418,8 +418,10 @@ def test_cg_edge(case, dtype, solver):
         last = float(sol.residual_norms[sol.n_steps])
         assert last > kw["rtol"] * np.linalg.norm(b64)
         # ... up to the rounding of evaluating b - A x in the dtype
-        rounding = len(b64) * kw["rtol"] * np.linalg.norm(
-            np.abs(b64) + np.abs(a64) @ np.abs(x64)
+        rounding = (
+            len(b64)
+            * kw["rtol"]
+            * np.linalg.norm(np.abs(b64) + np.abs(a64) @ np.abs(x64))
         )
         assert abs(last - true) <= rounding, (last, true, rounding)
     if sol.result != solvers.RESULTS.successful:

@@ -146,6 +146,80 @@ def test_large_system_uses_iterative_solver(getkey):
         np.testing.assert_allclose(got, expected, rtol=1e-8)
 
 
+def _scaled_spd(d, lo, hi, seed=0):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    return (q * np.geomspace(lo, hi, d)) @ q.T
+
+
+@pytest.mark.parametrize("lo, hi", [(0.005, 0.01), (0.002, 1.0)])
+def test_default_iterative_solver_float32(lo, hi):
+    """float32, 1000 unknowns, symmetric: the default tangent solver is CG on the
+    true residual, whose breakdown test does not depend on the scale of the
+    Jacobian (lineax's CG gave NaN on the first system, which was reported as "not
+    a root"), in both modes and under vmap."""
+    d = 1000
+    a64 = _scaled_spd(d, lo, hi)
+    a = jnp.asarray(a64, jnp.float32)
+
+    @jaxdecomp.custom_root(
+        lambda x, t: jnp.matmul(a, x, precision=HI) - t, symmetric=True
+    )
+    def solver(x0, t):
+        return jnp.linalg.solve(a, t)
+
+    rng = np.random.default_rng(1)
+    t = jnp.asarray(rng.normal(size=d), jnp.float32)
+    v = jnp.asarray(rng.normal(size=d), jnp.float32)
+    exact = np.linalg.solve(a64, np.asarray(v, np.float64))  # A^{-1} v, A symmetric
+    _, tangent = jax.jvp(lambda t: solver(None, t), (t,), (v,))
+    grad = jax.grad(lambda t: jnp.vdot(v, solver(None, t)))(t)
+    for got in (tangent, grad):
+        assert got.dtype == jnp.float32
+        err = np.linalg.norm(np.asarray(got, np.float64) - exact)
+        assert err <= 1e-4 * np.linalg.norm(exact)
+    vs = jnp.stack([v, -2 * v])
+    batched = jax.vmap(lambda v: jax.jvp(lambda t: solver(None, t), (t,), (v,))[1])(vs)
+    # each batched tangent meets the same accuracy as the unbatched one
+    for got, want in ((batched[0], exact), (batched[1], -2 * exact)):
+        err = np.linalg.norm(np.asarray(got, np.float64) - want)
+        assert err <= 1e-4 * np.linalg.norm(want)
+
+
+def test_default_iterative_solver_reports_unattainable_tolerance():
+    """float32 at condition number 1e4: the default tolerance (2.4e-5) is below what
+    CG attains; the tangent solve fails visibly (no NaN gradient, no "not a root")."""
+    a = jnp.asarray(_scaled_spd(1000, 1e-4, 1.0), jnp.float32)
+
+    @jaxdecomp.custom_root(
+        lambda x, t: jnp.matmul(a, x, precision=HI) - t, symmetric=True
+    )
+    def solver(x0, t):
+        return jnp.linalg.solve(a, t)
+
+    t = jnp.ones(1000, jnp.float32)
+    with pytest.raises(Exception, match="non-finite|ill-conditioned|nearly singular"):
+        jax.block_until_ready(jax.grad(lambda t: solver(None, t).sum())(t))
+
+
+@pytest.mark.parametrize(
+    "order",
+    [1, pytest.param(2, marks=pytest.mark.slow)],  # 2: 45 s of compilation
+)
+def test_default_iterative_solver_check_grads_float64(order):
+    d = jaxdecomp._implicit.DENSE_MAX_SIZE + 1  # the smallest CG size (cost)
+    a = jnp.asarray(_scaled_spd(d, 0.5, 1.0))
+    b = jnp.asarray(np.random.default_rng(2).normal(size=d))
+
+    @jaxdecomp.custom_root(
+        lambda x, s: s * jnp.matmul(a, x, precision=HI) - b, symmetric=True
+    )
+    def solver(x0, s):
+        return jnp.linalg.solve(s * a, b)
+
+    f = lambda s: jnp.sum(solver(None, s) ** 2)  # noqa: E731
+    check_grads(f, (jnp.asarray(1.5),), order=order, modes=("fwd", "rev"))
+
+
 # --------------------------------------------------------------------------------------
 # Lasso by proximal gradient, as a fixed point. Orthogonal design => closed form
 # w* = soft_threshold(X^T y, lam).
