@@ -42,22 +42,13 @@ DENSE_MAX_SIZE = 256
 _ON_FAILURE = ("raise", "nan", "warn")
 
 
-class _CallableSolver(lx.AbstractLinearSolver):
-    """Adapts a JAXopt-style `solve(matvec, b) -> x` to a lineax solver.
-
-    lineax never differentiates `compute` (it differentiates solutions implicitly and
-    transposes through `transpose`), so any JAX-traceable callable works here.
-    """
-
-    solve: Callable = eqx.field(static=True)
+class _AbstractOperatorSolver(lx.AbstractLinearSolver):
+    """A lineax solver whose state is the operator itself (matrix-free: `compute`
+    only applies it); transposing transposes the operator."""
 
     def init(self, operator, options):
         del options
         return operator
-
-    def compute(self, state, vector, options):
-        del options
-        return self.solve(state.mv, vector), lx.RESULTS.successful, {}
 
     def transpose(self, state, options):
         return state.transpose(), options
@@ -69,7 +60,21 @@ class _CallableSolver(lx.AbstractLinearSolver):
         return True
 
 
-class _TrueResidualCG(lx.AbstractLinearSolver):
+class _CallableSolver(_AbstractOperatorSolver):
+    """Adapts a JAXopt-style `solve(matvec, b) -> x` to a lineax solver.
+
+    lineax never differentiates `compute` (it differentiates solutions implicitly and
+    transposes through `transpose`), so any JAX-traceable callable works here.
+    """
+
+    solve: Callable = eqx.field(static=True)
+
+    def compute(self, state, vector, options):
+        del options
+        return self.solve(state.mv, vector), lx.RESULTS.successful, {}
+
+
+class _TrueResidualCG(_AbstractOperatorSolver):
     """Preconditioned CG that stops on the true residual (`jaxdecomp._cg_loop`, the
     iteration of `solvers.cg`), as a lineax solver: the default for symmetric tangent
     systems above `DENSE_MAX_SIZE` unknowns.
@@ -90,10 +95,6 @@ class _TrueResidualCG(lx.AbstractLinearSolver):
 
     rtol: float
     max_steps: int | None = None
-
-    def init(self, operator, options):
-        del options
-        return operator
 
     def compute(self, state, vector, options):
         flat_b, unravel = jax.flatten_util.ravel_pytree(vector)
@@ -128,15 +129,6 @@ class _TrueResidualCG(lx.AbstractLinearSolver):
         )
         result = lx.RESULTS.where(converged, lx.RESULTS.successful, failed)
         return unravel(x), result, {"num_steps": k, "max_steps": max_steps}
-
-    def transpose(self, state, options):
-        return state.transpose(), options
-
-    def conj(self, state, options):
-        return lx.conj(state), options
-
-    def assume_full_rank(self):
-        return True
 
 
 class _Config(eqx.Module):
