@@ -72,7 +72,7 @@ def test_runner_rejects_unknown_name():
 
 @pytest.mark.slow  # a minute of compilation; run with --runslow before benchmarking
 def test_cg_benchmark_runs_and_agrees_with_scipy():
-    main, gen, three_d, accuracy = cg.run(
+    main, gen, three_d, accuracy, cost = cg.run(
         sizes=(16,),
         train_steps=3,
         train_n=8,
@@ -80,6 +80,7 @@ def test_cg_benchmark_runs_and_agrees_with_scipy():
         variances=(cg.VARIANCE,),
         sizes_3d=(8,),
         true_residual_sizes=(16,),
+        check_cost_sizes=(16,),
     )
     # float32: whatever solvers.cg reports successful meets rtol in the true residual
     checked = [r for r in accuracy.rows if r[2].startswith("solvers.cg")]
@@ -97,6 +98,10 @@ def test_cg_benchmark_runs_and_agrees_with_scipy():
         if scipy_row is not None:  # same stopping rule, same iterations (+-2)
             assert abs(ours[3] - scipy_row[3]) <= 2
     assert len(gen.rows) == 1
+    # with and without the true-residual check: the same steps and solution (float64)
+    no_check, check, ours, _ = cost.rows
+    assert no_check[2] == check[2] == ours[2] and abs(check[3] - no_check[3]) <= 1e-12
+    assert ours[3] <= 1e-8
 
 
 @pytest.mark.slow  # 45 s of compilation (every table row); run with --runslow
