@@ -9,6 +9,10 @@ from ._implicit import (
     root_vjp as root_vjp,
 )
 from ._inv_pth_root import inv_pth_root as inv_pth_root
+from ._linear_solvers import (
+    TrueResidualCG as TrueResidualCG,
+    TrueResidualGMRES as TrueResidualGMRES,
+)
 from ._lyapunov import solve_lyapunov as solve_lyapunov
 from ._polar import polar as polar
 from ._solution import (

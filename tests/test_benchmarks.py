@@ -52,6 +52,13 @@ def test_sparse_k_benchmark_runs():
     assert rows["sparse (k = sparse_k)"][6] >= 0.99  # the chosen k keeps the mass
 
 
+def test_implicit_tangent_solver_table():
+    table = implicit.tangent_solver_table(sizes=(300,), scales=(1e-4,), repeats=1)
+    rows = {row[2].split(" (")[0]: row for row in table.rows}
+    ours = rows["default"]
+    assert ours[3] == "gradient" and ours[4] < 1e-4
+
+
 def test_implicit_benchmark_runs_and_is_accurate():
     tables = implicit.bench(d=20, steps=400, repeats=1)
     main_tables = [t for t in tables if "hypergradient," in t.title]

@@ -52,7 +52,7 @@ PUBLIC = [
             *("LowRankLinear", "LoRA", "PointCloud", "Geometry", "Diffusion2D"),
             *("SparseMatrix", "Jacobi", "SSOR", "IncompleteCholesky", "Chebyshev"),
             *("Multigrid", "NeuralIC", "NeuralFSAI", "FactorizedInverse"),
-            *("OmegaBandit", "NeuralInverse"),
+            *("OmegaBandit", "NeuralInverse", "TrueResidualCG", "TrueResidualGMRES"),
         )
     )
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 import optax
 import pytest
@@ -480,6 +481,90 @@ def test_cg_non_symmetric_gradient_is_not_silent():
     a = jnp.array([[2.0, 1.0], [0.0, 3.0]])
     with pytest.raises(RUNTIME_ERRORS):
         jax.block_until_ready(jax.grad(lambda b: solvers.cg(a, b).x.sum())(jnp.ones(2)))
+
+
+_LINEAR_SOLVERS = {
+    "TrueResidualCG": jaxdecomp.TrueResidualCG,
+    "TrueResidualGMRES": jaxdecomp.TrueResidualGMRES,
+}
+
+
+@pytest.mark.parametrize("solver", list(_LINEAR_SOLVERS))
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(_cg_cases()))
+def test_true_residual_linear_solver_edge(case, dtype, solver):
+    """The CG edge cases through the lineax solvers behind `custom_root`'s
+    iterative tangent solves: `successful` only with an accurate solution (true
+    residual within rtol), a failure code otherwise; never NaN claimed converged."""
+    a, b, kw = _cg_cases()[case]
+    rtol = float(np.finfo(dtype).eps) ** (2 / 3)
+    if kw.get("rtol") == "eps":
+        rtol = float(np.finfo(dtype).eps)
+    options = {}
+    if kw.get("preconditioner") == "nan":
+        options["preconditioner"] = lx.FunctionLinearOperator(
+            lambda r: r * jnp.nan, jax.ShapeDtypeStruct(b.shape, dtype)
+        )
+    elif kw.get("preconditioner") == "zero":
+        options["preconditioner"] = lx.FunctionLinearOperator(
+            lambda r: 0 * r, jax.ShapeDtypeStruct(b.shape, dtype)
+        )
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    sol = lx.linear_solve(
+        lx.MatrixLinearOperator(a),
+        b,
+        _LINEAR_SOLVERS[solver](rtol=rtol, max_steps=kw.get("max_steps")),
+        options=options,
+        throw=False,
+    )
+    ok = sol.result == lx.RESULTS.successful
+    if case in ("spd", "zero_rhs", "tiny_rhs", "huge_rhs") or (
+        case in ("indefinite", "non_symmetric") and solver == "TrueResidualGMRES"
+    ):
+        assert ok, sol.result
+    if case in ("nan_rhs", "nan_operator", "nan_preconditioner", "zero_preconditioner"):
+        assert not ok
+    if case in ("unattainable_rtol", "max_steps_1"):
+        assert not ok
+    if not ok:
+        return
+    a64, b64, x64 = (np.asarray(v, F64) for v in (a, b, sol.value))
+    assert np.all(np.isfinite(x64)) and sol.value.dtype == dtype
+    # the true residual, up to the rounding of evaluating b - A x in the dtype
+    rounding = (
+        len(b64)
+        * float(np.finfo(dtype).eps)
+        * np.linalg.norm(np.abs(b64) + np.abs(a64) @ np.abs(x64))
+    )
+    assert np.linalg.norm(b64 - a64 @ x64) <= rtol * np.linalg.norm(b64) + rounding
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"rtol": 0.0},
+        {"rtol": 1.5},
+        {"rtol": "1e-5"},
+        {"rtol": 1e-5, "max_steps": 0},
+        {"rtol": 1e-5, "max_steps": 2.5},
+    ],
+    ids=["rtol_0", "rtol_1.5", "rtol_str", "max_steps_0", "max_steps_float"],
+)
+@pytest.mark.parametrize("solver", list(_LINEAR_SOLVERS))
+def test_true_residual_linear_solver_bad_options(solver, kw):
+    with pytest.raises(ValueError, match=solver):
+        _LINEAR_SOLVERS[solver](**kw)
+
+
+def test_true_residual_linear_solver_bad_dtype():
+    with pytest.raises(ValueError, match="restart"):
+        jaxdecomp.TrueResidualGMRES(rtol=1e-5, restart=0)
+    a = jnp.eye(3, dtype=jnp.complex128)
+    for solver in _LINEAR_SOLVERS.values():
+        with pytest.raises(TypeError, match="real floating"):
+            lx.linear_solve(
+                lx.MatrixLinearOperator(a), jnp.ones(3, a.dtype), solver(1e-5)
+            )
 
 
 # --------------------------------------------------------------------------------------

@@ -220,6 +220,136 @@ def test_default_iterative_solver_check_grads_float64(order):
     check_grads(f, (jnp.asarray(1.5),), order=order, modes=("fwd", "rev"))
 
 
+def _nonsymmetric(d, scale, seed=0):
+    rng = np.random.default_rng(seed)
+    return scale * (np.eye(d) + 0.3 * rng.normal(size=(d, d)) / np.sqrt(d))
+
+
+def test_default_nonsymmetric_solver_float32_small_scale():
+    """float32, 2000 unknowns, nonsymmetric Jacobian 1e-4 (I + 0.3 G / sqrt(d)): the
+    default tangent solver is GMRES on the true residual. lineax's GMRES (the
+    previous default) reports `stagnation` on this healthy system (its update
+    test has an absolute atol; scale 1 passes), so the hypergradient raised."""
+    d = 2000
+    a64 = _nonsymmetric(d, 1e-4)
+    a = jnp.asarray(a64, jnp.float32)
+    rng = np.random.default_rng(1)
+    t64 = rng.normal(size=d)
+    x64 = np.linalg.solve(a64, t64)  # the forward solution, computed once
+    t, x_star = jnp.asarray(t64, jnp.float32), jnp.asarray(x64, jnp.float32)
+    # (lineax 0.1.1's GMRES: `stagnation` here; `benchmarks.implicit`'s
+    # tangent_solver_table shows it beside this solver)
+
+    @jaxdecomp.custom_root(lambda x, t: jnp.matmul(a, x, precision=HI) - t)
+    def solver(x0, t):
+        return x_star + 0 * t
+
+    v = jnp.asarray(rng.normal(size=d), jnp.float32)
+    _, tangent = jax.jvp(lambda t: solver(None, t), (t,), (v,))
+    grad = jax.grad(lambda t: jnp.vdot(v, solver(None, t)))(t)
+    exact_fwd = np.linalg.solve(a64, np.asarray(v, np.float64))
+    exact_rev = np.linalg.solve(a64.T, np.asarray(v, np.float64))
+    for got, want in ((tangent, exact_fwd), (grad, exact_rev)):
+        assert got.dtype == jnp.float32
+        assert np.linalg.norm(np.asarray(got, np.float64) - want) <= 1e-4 * (
+            np.linalg.norm(want)
+        )
+
+
+def _lx_solve(a, b, solver):
+    return lx.linear_solve(lx.MatrixLinearOperator(a), b, solver, throw=False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_true_residual_gmres(dtype):
+    """The GMRES behind the default: meets rtol in the true residual (checked in
+    float64) at every scale, with and without a (right) preconditioner, under jit
+    without retracing and under vmap (== a loop)."""
+    GMRES = jaxdecomp.TrueResidualGMRES
+    rtol = jaxdecomp._misc.default_tol(dtype, 2 / 3)
+    d = 300
+    rng = np.random.default_rng(3)
+    b64 = rng.normal(size=d)
+    b = jnp.asarray(b64, dtype)
+    traces = []
+
+    @jax.jit
+    def solve(a, b):
+        traces.append(None)
+        return _lx_solve(a, b, GMRES(rtol=rtol))
+
+    for scale in (1e-6, 1.0, 1e6):
+        a64 = _nonsymmetric(d, scale)
+        sol = solve(jnp.asarray(a64, dtype), b)
+        assert sol.result == lx.RESULTS.successful and sol.value.dtype == dtype
+        res = np.linalg.norm(b64 - a64 @ np.asarray(sol.value, np.float64))
+        assert res <= 1.05 * rtol * np.linalg.norm(b64)
+        assert 0 < int(sol.stats["num_steps"]) <= 20
+    assert len(traces) == 1
+    # an exact right preconditioner: one step
+    a64 = _nonsymmetric(d, 1.0)
+    a = jnp.asarray(a64, dtype)
+    inverse = lx.MatrixLinearOperator(jnp.asarray(np.linalg.inv(a64), dtype))
+    sol = lx.linear_solve(
+        lx.MatrixLinearOperator(a),
+        b,
+        GMRES(rtol=rtol),
+        options={"preconditioner": inverse},
+        throw=False,
+    )
+    assert sol.result == lx.RESULTS.successful and int(sol.stats["num_steps"]) == 1
+    # vmap == loop
+    bs = jnp.stack([b, 2 * b[::-1], jnp.zeros_like(b)])
+
+    def solve_ok(b):
+        sol = _lx_solve(a, b, GMRES(rtol=rtol))
+        return sol.value, sol.result == lx.RESULTS.successful
+
+    values, ok = jax.vmap(solve_ok)(bs)
+    assert np.all(ok)
+    atol = 1e-4 if dtype == jnp.float32 else 1e-12
+    for i in range(3):
+        np.testing.assert_allclose(values[i], solve_ok(bs[i])[0], rtol=0, atol=atol)
+    assert not np.any(values[2])  # b = 0 gives x = 0
+
+
+def test_true_residual_gmres_failures():
+    """Failures are codes, told apart: GMRES(20) on a cyclic shift of 300 unknowns
+    makes no progress (`stagnation`), a tolerance below float32's level is
+    `singular` (message: ill-conditioned), and too few steps `max_steps_reached`;
+    never a converged claim."""
+    GMRES = jaxdecomp.TrueResidualGMRES
+    d = 300
+    shift = jnp.asarray(np.roll(np.eye(d), 1, axis=0), jnp.float32)
+    e0 = jnp.zeros(d, jnp.float32).at[0].set(1)
+    assert _lx_solve(shift, e0, GMRES(rtol=1e-3)).result == lx.RESULTS.stagnation
+    a = jnp.asarray(_scaled_spd(d, 1e-3, 1.0) + _nonsymmetric(d, 1e-3), jnp.float32)
+    b = jnp.ones(d, jnp.float32)
+    sol = _lx_solve(a, b, GMRES(rtol=1e-9))
+    assert sol.result == lx.RESULTS.singular
+    assert np.all(np.isfinite(sol.value))  # the best iterate, not NaN
+    sol = _lx_solve(a, b, GMRES(rtol=1e-3, max_steps=3))
+    assert sol.result == lx.RESULTS.max_steps_reached
+    assert int(sol.stats["num_steps"]) == 3
+
+
+@pytest.mark.parametrize(
+    "order",
+    [1, pytest.param(2, marks=pytest.mark.slow)],  # 2: compilation-heavy
+)
+def test_default_nonsymmetric_solver_check_grads_float64(order):
+    d = jaxdecomp._implicit.DENSE_MAX_SIZE + 1  # the smallest GMRES size (cost)
+    a = jnp.asarray(_nonsymmetric(d, 1.0))
+    b = jnp.asarray(np.random.default_rng(2).normal(size=d))
+
+    @jaxdecomp.custom_root(lambda x, s: s * jnp.matmul(a, x, precision=HI) - b)
+    def solver(x0, s):
+        return jnp.linalg.solve(s * a, b)
+
+    f = lambda s: jnp.sum(solver(None, s) ** 2)  # noqa: E731
+    check_grads(f, (jnp.asarray(1.5),), order=order, modes=("fwd", "rev"))
+
+
 # --------------------------------------------------------------------------------------
 # Lasso by proximal gradient, as a fixed point. Orthogonal design => closed form
 # w* = soft_threshold(X^T y, lam).
