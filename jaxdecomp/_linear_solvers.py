@@ -70,6 +70,19 @@ def _flat_problem(state, vector, options):
     return flat(state), precond, flat_b, x0, unravel
 
 
+def _result(converged, k, max_steps, inaccurate, rnorm, stagnated=False):
+    """lineax's code: successful, else max_steps_reached (steps used up, finite,
+    tolerance attainable), stagnation, or singular (unattainable tolerance,
+    breakdown, NaN)."""
+    failed = lx.RESULTS.where(
+        (k >= max_steps) & ~inaccurate & jnp.isfinite(rnorm),
+        lx.RESULTS.max_steps_reached,
+        lx.RESULTS.singular,
+    )
+    failed = lx.RESULTS.where(stagnated, lx.RESULTS.stagnation, failed)
+    return lx.RESULTS.where(converged, lx.RESULTS.successful, failed)
+
+
 class TrueResidualCG(_AbstractOperatorSolver):
     r"""Preconditioned conjugate gradients that stop on the true residual, as a
     lineax solver (for symmetric positive definite operators).
@@ -139,12 +152,7 @@ class TrueResidualCG(_AbstractOperatorSolver):
             flexible=False,
             unroll=False,
         )
-        failed = lx.RESULTS.where(
-            (k >= max_steps) & ~inaccurate & jnp.isfinite(rnorm),
-            lx.RESULTS.max_steps_reached,
-            lx.RESULTS.singular,
-        )
-        result = lx.RESULTS.where(converged, lx.RESULTS.successful, failed)
+        result = _result(converged, k, max_steps, inaccurate, rnorm)
         return unravel(x), result, {"num_steps": k, "max_steps": max_steps}
 
 
@@ -229,11 +237,5 @@ class TrueResidualGMRES(_AbstractOperatorSolver):
             restart=self.restart,
             max_steps=max_steps,
         )
-        failed = lx.RESULTS.where(
-            (k >= max_steps) & ~inaccurate & jnp.isfinite(rnorm),
-            lx.RESULTS.max_steps_reached,
-            lx.RESULTS.singular,
-        )
-        failed = lx.RESULTS.where(stagnated, lx.RESULTS.stagnation, failed)
-        result = lx.RESULTS.where(converged, lx.RESULTS.successful, failed)
+        result = _result(converged, k, max_steps, inaccurate, rnorm, stagnated)
         return unravel(x), result, {"num_steps": k, "max_steps": max_steps}
