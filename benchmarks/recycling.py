@@ -287,7 +287,7 @@ def neural_inverse_at_size(
     in the `cg` benchmark, on held-out fields of the same family at growing sizes:
     iterations against Jacobi-PCG and IC(0)-PCG. DCDM (Kaneda et al.) reports
     iteration counts roughly independent of the grid."""
-    from .cg import HELD_OUT, train_models
+    from .cg import HELD_OUT, _code_name, train_models
 
     dtype, rtol = jnp.float64, 1e-8
     trained = train_models(
@@ -323,7 +323,9 @@ def neural_inverse_at_size(
         )(op, b)
         res = float(jnp.linalg.norm(b - op.mv(sol.x)) / jnp.linalg.norm(b))
         steps = int(sol.n_steps)
-        return (steps if bool(sol.converged) else f"> {steps}"), res
+        if bool(sol.converged):
+            return steps, res
+        return f"> {steps} ({_code_name(sol.result)})", res
 
     for n in sizes:
         print(f"  NeuralInverse at {n} x {n} ...", flush=True)
@@ -346,7 +348,9 @@ def neural_inverse_at_size(
         print("  " + " | ".join(map(str, table.rows[-1])), flush=True)
     table.notes.append(
         f"training loss {float(losses[0]):.3g} -> {float(losses[-1]):.3g}; "
-        f"max_steps {max_steps} for every solve ('> N': not converged); the "
+        f"max_steps {max_steps} for every solve ('> N (code)': not converged, "
+        "with `solvers.cg`'s result code; `not_spd`: a direction had "
+        "r^T M^{-1}(r) <= 0, the network is not positive there); the "
         "network is 2-D only (no 3-D NeuralInverse exists in solvers yet)."
     )
     return table

@@ -283,6 +283,17 @@ def test_newton_recycling_benchmark_runs():
     assert rows[("dense", 4)][5] < rows[("dense", 0)][5]  # fewer CG iterations
 
 
+@pytest.mark.slow  # trains on 64 x 64 (the function's fixed training grid)
+def test_neural_inverse_at_size_runs():
+    from benchmarks import recycling
+
+    table = recycling.neural_inverse_at_size(sizes=(16,), train_steps=2, max_steps=400)
+    ((n, jac, ic, net, *_),) = table.rows
+    assert n == 16 and isinstance(jac, int) and isinstance(ic, int)
+    # converged (an int) or a '> N (result code)' cell naming why not
+    assert isinstance(net, int) or (net.startswith("> ") and "(" in net)
+
+
 def test_recycling_sequence_benchmark_runs():
     from benchmarks import recycling
 
