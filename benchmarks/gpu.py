@@ -17,7 +17,10 @@ this module should take about 6-8 minutes on an H100/H200, most of it compilatio
   epsilon 1e-3, batch 1024;
 - cg: float32, relative residual 1e-6, 2-D 1024^2 and 2048^2 and 3-D 64^3 and 128^3,
   matvec-only preconditioners (IC-type triangular solves are 80-120x slower than
-  Jacobi-PCG on a GPU) against jax.scipy's and lineax's CG.
+  Jacobi-PCG on a GPU) against jax.scipy's and lineax's CG (with the true-residual
+  check, float32 rows that cannot reach 1e-6 report `inaccurate`); float32's
+  attainable accuracy at 256^2 and 1024^2 (`cg.true_residual_table`) and the
+  check's cost at 1024^2 in float64 (`cg.check_cost_table`).
 
 `GPU_PARTS=sqrtm,cg` (any of sqrtm, precision, sinkhorn, pallas, cg) runs a subset;
 `GPU_SMALL=1` runs tiny sizes (a smoke test for any machine).
@@ -101,5 +104,9 @@ def run(full: bool = False):
             host_anchors=False,
             train_steps=3 if small else 300,
             train_n=8 if small else 64,
+            # float32's attainable accuracy at size, and what the true-residual
+            # check costs on the device (float64)
+            true_residual_sizes=(16,) if small else (256, 1024),
+            check_cost_sizes=(16,) if small else (1024,),
         )
     return tables
