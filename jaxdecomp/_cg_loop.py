@@ -18,14 +18,21 @@ _MAX_CHECKS = 8
 _PROGRESS = 0.9
 
 
+def rhs_scale(b):
+    """s = max|b| (1 when b is zero or not finite), without gradient: the scale by
+    which the Krylov loops divide the problem so that their norms neither underflow
+    nor overflow."""
+    s = lax.stop_gradient(jnp.max(jnp.abs(b)))
+    return jnp.where((s > 0) & jnp.isfinite(s), s, 1).astype(b.dtype)
+
+
 def scaled_cg_loop(matvec, precond, b, x0, *, atol, **options):
     """`cg_loop` on the problem scaled by s = max|b| (A (x / s) = b / s), so that the
     norms in the stopping test neither underflow (||b|| ~ 1e-25 in float32 would
     give a zero tolerance) nor overflow (~1e25 would give inf). The returned residual
     norms are in the original units; b = 0 gives x = 0. The deflation basis and the
     recorded directions are scale-free (only their span is used)."""
-    s = lax.stop_gradient(jnp.max(jnp.abs(b)))
-    s = jnp.where((s > 0) & jnp.isfinite(s), s, 1).astype(b.dtype)
+    s = rhs_scale(b)
     x, (k, norms, converged, rnorm, inaccurate), recorded = cg_loop(
         matvec, precond, b / s, x0 / s, atol=atol / s, **options
     )

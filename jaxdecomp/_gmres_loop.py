@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax.lax as lax
 import jax.numpy as jnp
 
-from ._cg_loop import _MAX_CHECKS, _PROGRESS
+from ._cg_loop import _MAX_CHECKS, _PROGRESS, rhs_scale
 from ._misc import mm
 
 
@@ -44,8 +44,7 @@ def gmres_loop(matvec, precond, b, x0, *, rtol, restart, max_steps):
     relative, while the same system at scale 1 or 1e-2 passed)."""
     # on the problem scaled by s = max|b| (as `scaled_cg_loop`): the norms neither
     # underflow nor overflow
-    s = lax.stop_gradient(jnp.max(jnp.abs(b)))
-    s = jnp.where((s > 0) & jnp.isfinite(s), s, 1).astype(b.dtype)
+    s = rhs_scale(b)
     x, (steps, converged, beta, inaccurate, stagnated) = _gmres(
         matvec, precond, b / s, x0 / s, rtol=rtol, restart=restart, max_steps=max_steps
     )
