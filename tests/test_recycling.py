@@ -50,6 +50,35 @@ def test_deflation_removes_slow_modes():
 _SLOW = pytest.mark.slow  # default-suite time: one fixed and one flexible case run
 
 
+def test_float64_coarse_correction_every_fourth_step(monkeypatch):
+    """In float64 the residual's coarse correction runs every 4th step (its rounding
+    drift is 1e-16 per step): a long deflated solve then needs the same steps as
+    with the correction every step and meets a tolerance near float64's level on
+    the true residual."""
+    import jaxdecomp._cg_loop as cg_loop_module
+
+    op = solvers.problems.diffusion_2d(jax.random.key(0), 32, variance=2.0)
+    pre = solvers.Jacobi(op)
+    basis = solvers.cg(op, jnp.ones(1024), preconditioner=pre, recycle=8).ritz_vectors
+    b = jax.random.normal(jax.random.key(1), (1024,))
+
+    def solve():  # a fresh trace: the interval is read at trace time
+        return jax.jit(
+            lambda b, w: solvers.cg(
+                op, b, preconditioner=pre, deflation=w, rtol=1e-13, max_steps=2000
+            )
+        )(b, basis)
+
+    every_fourth = solve()
+    monkeypatch.setattr(cg_loop_module, "_CLEAN_EVERY_F64", 1)
+    every_step = solve()
+    assert every_fourth.converged and every_step.converged
+    assert abs(int(every_fourth.n_steps) - int(every_step.n_steps)) <= 2
+    r = b - op.mv(every_fourth.x)
+    assert jnp.linalg.norm(r) <= 1e-13 * jnp.linalg.norm(b)
+    np.testing.assert_allclose(every_fourth.x, every_step.x, rtol=0, atol=1e-11)
+
+
 @pytest.mark.parametrize(
     "precond, flexible",
     [
