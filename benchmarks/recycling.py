@@ -425,3 +425,75 @@ def newton_table(
         "than 99% of the plan (here at n <= 4000)."
     )
     return table
+
+
+def tangent_reuse_table(
+    sizes=(128, 256), ks=(16, 32), methods=("Jacobi", "IC(0)"), repeats: int = 3
+):
+    """Would the derivative solves of one `solvers.cg` call gain from the forward
+    solve's own Krylov space? (Issue 16 asks to measure it.) The forward solve
+    (b = 1, a field of the recycling family) with `recycle=k` gives k harmonic Ritz
+    vectors; a cotangent solve A y = g (a random g, as in reverse mode, and a
+    smooth g = 1 + 0.1 noise) is timed plain and deflated by those vectors
+    (`deflation=`, which includes their A-orthonormalisation, k matvecs). Not
+    counted: the Ritz extraction after the forward solve, which reuse would add to
+    every differentiated call. float64, rtol 1e-8, jitted, median of `repeats`
+    after a compiling warm-up."""
+    dtype, rtol = jnp.float64, 1e-8
+    table = Table(
+        f"One solve's derivative: cotangent solves deflated by the forward solve's "
+        f"Ritz vectors ({jnp.dtype(dtype).name}, rtol {rtol:g}, one field per size)",
+        [
+            "n x n",
+            "preconditioner",
+            "k",
+            "forward steps",
+            "cotangent",
+            "plain steps",
+            "deflated steps",
+            "plain (ms)",
+            "deflated (ms)",
+            "time deflated / plain",
+        ],
+    )
+    pre = {k: v for k, v in _preconditioners().items() if k in methods}
+    for n in sizes:
+        op = solvers.problems.diffusion_2d(
+            jax.random.key(0), n, variance=VARIANCE, dtype=dtype
+        )
+        b = jnp.ones(n * n, dtype)
+        noise = jax.random.normal(jax.random.key(5), (n * n,), dtype)
+        for pname, factory in pre.items():
+            m = factory(op)
+
+            def cot(g, w, m=m):
+                return solvers.cg(op, g, preconditioner=m, rtol=rtol, deflation=w)
+
+            for k in ks:
+                sol = solvers.cg(op, b, preconditioner=m, rtol=rtol, recycle=k)
+                w = sol.ritz_vectors
+                for gname, g in (("random", noise), ("smooth", b + 0.1 * noise)):
+                    t0, plain = _timed(
+                        jax.jit(lambda g: cot(g, None)), g, repeats=repeats
+                    )
+                    t1, defl = _timed(jax.jit(cot), g, w, repeats=repeats)
+                    table.add(
+                        n,
+                        pname,
+                        k,
+                        int(sol.n_steps),
+                        gname,
+                        int(plain.n_steps),
+                        int(defl.n_steps),
+                        1e3 * t0,
+                        1e3 * t1,
+                        t1 / t0,
+                    )
+                    print("  " + " | ".join(map(str, table.rows[-1])), flush=True)
+    table.notes += [
+        "Reverse mode solves one cotangent system per `solvers.cg` call with the "
+        "same operator; the forward solve's first 2k directions give poor Ritz "
+        "vectors after a single solve (a sequence improves them system by "
+        "system), so the deflated cotangent solve saves few steps.",
+    ]
+    return table

@@ -283,6 +283,19 @@ def test_newton_recycling_benchmark_runs():
     assert rows[("dense", 4)][5] < rows[("dense", 0)][5]  # fewer CG iterations
 
 
+def test_tangent_reuse_benchmark_runs():
+    from benchmarks import recycling
+
+    table = recycling.tangent_reuse_table(
+        sizes=(24,), ks=(4,), methods=("IC(0)",), repeats=1
+    )
+    assert [row[4] for row in table.rows] == ["random", "smooth"]
+    for n, _, k, fwd, _, plain, deflated, *_ in table.rows:
+        assert (n, k) == (24, 4) and fwd > 0
+        # the deflated solve converged, in no more steps than the plain one
+        assert 0 < deflated <= plain, (plain, deflated)
+
+
 @pytest.mark.slow  # trains on 64 x 64 (the function's fixed training grid)
 def test_neural_inverse_at_size_runs():
     from benchmarks import recycling
