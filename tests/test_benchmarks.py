@@ -283,6 +283,7 @@ def test_newton_recycling_benchmark_runs():
     assert rows[("dense", 4)][5] < rows[("dense", 0)][5]  # fewer CG iterations
 
 
+@pytest.mark.slow  # 12 s: compiles three solves (a benchmark, not a library check)
 def test_tangent_reuse_benchmark_runs():
     from benchmarks import recycling
 
