@@ -290,7 +290,7 @@ def neural_inverse_at_size(
     in the `cg` benchmark, on held-out fields of the same family at growing sizes:
     iterations against Jacobi-PCG and IC(0)-PCG. DCDM (Kaneda et al.) reports
     iteration counts roughly independent of the grid."""
-    from .cg import HELD_OUT, _code_name, train_models
+    from .cg import HELD_OUT, train_models
 
     dtype, rtol = jnp.float64, 1e-8
     trained = train_models(
@@ -312,23 +312,7 @@ def neural_inverse_at_size(
     )
 
     def solve(op, pre, flexible):
-        b = jnp.ones(op.n * op.n, dtype)
-        sol = jax.jit(
-            lambda op, b: solvers.cg(
-                op,
-                b,
-                preconditioner=pre(op),
-                rtol=rtol,
-                max_steps=max_steps,
-                flexible=flexible,
-                throw=False,
-            )
-        )(op, b)
-        res = float(jnp.linalg.norm(b - op.mv(sol.x)) / jnp.linalg.norm(b))
-        steps = int(sol.n_steps)
-        if bool(sol.converged):
-            return steps, res
-        return f"> {steps} ({_code_name(sol.result)})", res
+        return _counted_solve(op, pre, flexible, rtol=rtol, max_steps=max_steps)
 
     for n in sizes:
         print(f"  NeuralInverse at {n} x {n} ...", flush=True)
@@ -354,7 +338,122 @@ def neural_inverse_at_size(
         f"max_steps {max_steps} for every solve ('> N (code)': not converged, "
         "with `solvers.cg`'s result code; `not_spd`: a direction had "
         "r^T M^{-1}(r) <= 0, the network is not positive there); the "
-        "network is 2-D only (no 3-D NeuralInverse exists in solvers yet)."
+        "library's network is 2-D only (`neural_inverse_3d` measures a 3-D "
+        "prototype of the same architecture)."
+    )
+    return table
+
+
+def _counted_solve(op, pre, flexible, *, rtol, max_steps):
+    """CG on `op` with b = 1 and the preconditioner `pre(op)`: (iterations, or
+    '> N (result code)' when not converged; the true relative residual)."""
+    from .cg import _code_name
+
+    b = jnp.ones_like(op.diagonal())
+    sol = jax.jit(
+        lambda op, b: solvers.cg(
+            op,
+            b,
+            preconditioner=pre(op),
+            rtol=rtol,
+            max_steps=max_steps,
+            flexible=flexible,
+            throw=False,
+        )
+    )(op, b)
+    res = float(jnp.linalg.norm(b - op.mv(sol.x)) / jnp.linalg.norm(b))
+    steps = int(sol.n_steps)
+    if bool(sol.converged):
+        return steps, res
+    return f"> {steps} ({_code_name(sol.result)})", res
+
+
+def neural_inverse_3d(
+    sizes=(16, 32, 48),
+    train_n: int = 16,
+    count: int = 16,
+    train_steps: int = 300,
+    width: int = 16,
+    max_steps: int = 1500,
+    learning_rate: float = 3e-3,
+):
+    """The NeuralInverse architecture in 3-D (`benchmarks._neural3d`, a prototype:
+    the library's network is 2-D), trained with the A-norm loss on `count`
+    `diffusion_3d` fields at `train_n`^3 (solutions by IC(0)-PCG to 1e-12; Adam
+    `learning_rate`, batch 4), then flexible CG FCG(5) on a held-out field at
+    growing sizes against Jacobi and IC(0) PCG (float64, rtol 1e-8, b = 1). DCDM
+    (Kaneda et al.) is a 3-D method and reports iterations roughly independent of
+    the grid."""
+    import optax
+
+    from ._neural3d import NeuralInverse3D
+    from .cg import HELD_OUT
+
+    dtype, rtol = jnp.float64, 1e-8
+    keys = jax.random.split(jax.random.key(0), count)
+    ops = jax.vmap(
+        lambda k: solvers.problems.diffusion_3d(
+            k, train_n, variance=VARIANCE, dtype=dtype
+        )
+    )(keys)
+    bs = jax.random.normal(jax.random.key(1), (count, train_n**3), dtype)
+    xs = jax.jit(
+        jax.vmap(
+            lambda op, b: (
+                solvers.cg(
+                    op,
+                    b,
+                    preconditioner=solvers.IncompleteCholesky(op.to_sparse()),
+                    rtol=1e-12,
+                    max_steps=20 * train_n**2,
+                ).x
+            )
+        )
+    )(ops, bs)
+    t0 = time.perf_counter()
+    model, losses = solvers.train_preconditioner(
+        NeuralInverse3D(jax.random.key(2), width=width),
+        (ops, xs, bs),
+        solvers.a_norm_loss,
+        optax.adam(learning_rate),
+        steps=train_steps,
+        key=jax.random.key(3),
+        batch_size=4,
+        progress=False,
+    )
+    secs = time.perf_counter() - t0
+    table = Table(
+        f"NeuralInverse architecture in 3-D (prototype, width {width}), trained on "
+        f"{count} fields of {train_n}^3 (variance {VARIANCE}, {train_steps} Adam "
+        f"steps at {learning_rate:g}, {secs:.0f} s), held-out field, CG to rtol "
+        f"{rtol:g}, b = 1",
+        [
+            "n^3",
+            "Jacobi PCG",
+            "IC(0) PCG",
+            "NeuralInverse-3D FCG(5)",
+            "NeuralInverse-3D / Jacobi",
+            "true rel. res.",
+        ],
+    )
+    for n in sizes:
+        print(f"  NeuralInverse-3D at {n}^3 ...", flush=True)
+        op = solvers.problems.diffusion_3d(
+            jax.random.key(HELD_OUT), n, variance=VARIANCE, dtype=dtype
+        )
+        counted = dict(rtol=rtol, max_steps=max_steps)
+        jac, _ = _counted_solve(op, solvers.Jacobi, False, **counted)
+        ic, _ = _counted_solve(
+            op, lambda o: solvers.IncompleteCholesky(o.to_sparse()), False, **counted
+        )
+        net, res = _counted_solve(op, model, True, **counted)
+        both = isinstance(net, int) and isinstance(jac, int)
+        table.add(n, jac, ic, net, net / jac if both else None, res)
+        print("  " + " | ".join(map(str, table.rows[-1])), flush=True)
+    table.notes.append(
+        f"training loss {float(losses[0]):.3g} -> {float(losses[-1]):.3g} (the "
+        "untrained network is Jacobi); max_steps "
+        f"{max_steps} ('> N (code)': not converged, with the result code)."
     )
     return table
 

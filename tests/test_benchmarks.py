@@ -297,6 +297,19 @@ def test_tangent_reuse_benchmark_runs():
         assert 0 < deflated <= plain, (plain, deflated)
 
 
+@pytest.mark.slow  # 10 s: trains a 3-D network (a benchmark, not a library check)
+def test_neural_inverse_3d_runs():
+    from benchmarks import recycling
+
+    table = recycling.neural_inverse_3d(
+        sizes=(8,), train_n=8, count=4, train_steps=2, width=4
+    )
+    ((n, jac, ic, net, *_),) = table.rows
+    assert n == 8 and isinstance(jac, int) and isinstance(ic, int) and ic < jac
+    # converged (an int) or a '> N (result code)' cell naming why not
+    assert isinstance(net, int) or (net.startswith("> ") and "(" in net)
+
+
 @pytest.mark.slow  # trains on 64 x 64 (the function's fixed training grid)
 def test_neural_inverse_at_size_runs():
     from benchmarks import recycling

@@ -12,13 +12,16 @@ from ..problems._diffusion import Diffusion2D
 
 
 class _Block(eqx.Module):
-    conv1: eqx.nn.Conv2d
-    conv2: eqx.nn.Conv2d
+    """Residual block of two 3x3 convolutions (3x3x3 with `dims=3`: the 3-D
+    prototype in `benchmarks/_neural3d.py` uses it too)."""
 
-    def __init__(self, width, key):
+    conv1: eqx.nn.Conv
+    conv2: eqx.nn.Conv
+
+    def __init__(self, width, key, dims: int = 2):
         k1, k2 = jr.split(key)
-        self.conv1 = eqx.nn.Conv2d(width, width, 3, padding=1, key=k1)
-        self.conv2 = eqx.nn.Conv2d(width, width, 3, padding=1, key=k2)
+        self.conv1 = eqx.nn.Conv(dims, width, width, 3, padding=1, key=k1)
+        self.conv2 = eqx.nn.Conv(dims, width, width, 3, padding=1, key=k2)
 
     def __call__(self, h):
         return h + self.conv2(jax.nn.gelu(self.conv1(jax.nn.gelu(h))))
