@@ -27,13 +27,43 @@ class _Block(eqx.Module):
         return h + self.conv2(jax.nn.gelu(self.conv1(jax.nn.gelu(h))))
 
 
-def _pool(h):  # 2 x 2 average pooling of (channels, n, n)
-    c, n, _ = h.shape
-    return h.reshape(c, n // 2, 2, n // 2, 2).mean(axis=(2, 4))
+def _pool(h):  # 2 x ... x 2 average pooling of (channels, n, ..., n)
+    c, *grid = h.shape
+    split = [m for n in grid for m in (n // 2, 2)]
+    return h.reshape(c, *split).mean(axis=tuple(range(2, 2 * len(grid) + 1, 2)))
 
 
-def _upsample(h):  # nearest-neighbour 2x upsampling
-    return jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+def _upsample(h):  # nearest-neighbour 2x upsampling in every grid axis
+    for axis in range(1, h.ndim):
+        h = jnp.repeat(h, 2, axis=axis)
+    return h
+
+
+def _unet_layers(key, width: int, levels: int, dims: int, dtype):
+    """The layers of `NeuralInverse`'s U-Net on a `dims`-dimensional grid (the 3-D
+    prototype in `benchmarks/_neural3d.py` builds its network here too), in the
+    network's `dtype`; the output convolution starts at zero."""
+    keys = iter(jr.split(key, 3 * levels + 3))
+
+    def conv(cin, cout, size):
+        return eqx.nn.Conv(dims, cin, cout, size, padding=size // 2, key=next(keys))
+
+    lift = conv(2, width, 3)
+    down = [_Block(width, next(keys), dims) for _ in range(levels - 1)]
+    bottom = _Block(width, next(keys), dims)
+    merge = [conv(2 * width, width, 1) for _ in range(levels - 1)]
+    up = [_Block(width, next(keys), dims) for _ in range(levels - 1)]
+    out = conv(width, 1, 3)
+    out = eqx.tree_at(
+        lambda c: (c.weight, c.bias),
+        out,
+        (jnp.zeros_like(out.weight), jnp.zeros_like(out.bias)),
+    )
+    layers = dict(lift=lift, down=down, bottom=bottom, merge=merge, up=up, out=out)
+    # the network's precision is its parameters' dtype (default float32)
+    return jax.tree_util.tree_map(
+        lambda p: p.astype(dtype) if eqx.is_inexact_array(p) else p, layers
+    )
 
 
 class NeuralInverse(eqx.Module):
@@ -90,12 +120,12 @@ class NeuralInverse(eqx.Module):
     method for iteratively solving linear systems", ICML 2023.
     """
 
-    lift: eqx.nn.Conv2d
+    lift: eqx.nn.Conv
     down: list[_Block]
     bottom: _Block
-    merge: list[eqx.nn.Conv2d]
+    merge: list[eqx.nn.Conv]
     up: list[_Block]
-    out: eqx.nn.Conv2d
+    out: eqx.nn.Conv
 
     def __init__(
         self,
@@ -108,32 +138,8 @@ class NeuralInverse(eqx.Module):
             raise ValueError(
                 f"NeuralInverse: levels must be an int >= 1; got {levels}."
             )
-        keys = iter(jr.split(key, 3 * levels + 3))
-        self.lift = eqx.nn.Conv2d(2, width, 3, padding=1, key=next(keys))
-        self.down = [_Block(width, next(keys)) for _ in range(levels - 1)]
-        self.bottom = _Block(width, next(keys))
-        self.merge = [
-            eqx.nn.Conv2d(2 * width, width, 1, key=next(keys))
-            for _ in range(levels - 1)
-        ]
-        self.up = [_Block(width, next(keys)) for _ in range(levels - 1)]
-        out = eqx.nn.Conv2d(width, 1, 3, padding=1, key=next(keys))
-        out = eqx.tree_at(
-            lambda c: (c.weight, c.bias),
-            out,
-            (jnp.zeros_like(out.weight), jnp.zeros_like(out.bias)),
-        )
-        self.out = out
-        # the network's precision is its parameters' dtype (default float32)
-        for name in ("lift", "down", "bottom", "merge", "up", "out"):
-            setattr(
-                self,
-                name,
-                jax.tree_util.tree_map(
-                    lambda p: p.astype(dtype) if eqx.is_inexact_array(p) else p,
-                    getattr(self, name),
-                ),
-            )
+        for name, layer in _unet_layers(key, width, levels, 2, dtype).items():
+            setattr(self, name, layer)
 
     def __call__(self, op: Diffusion2D) -> NetworkPreconditioner:
         if not isinstance(op, Diffusion2D):
@@ -149,7 +155,7 @@ class NeuralInverse(eqx.Module):
             )
         return NetworkPreconditioner(self, op.diagonal())
 
-    def unet(self, x: Float[Array, "2 n n"]) -> Float[Array, "n n"]:
+    def unet(self, x: Float[Array, " 2 *grid"]) -> Float[Array, " *grid"]:
         h = self.lift(x)
         skips = []
         for block in self.down:
@@ -170,12 +176,13 @@ class NetworkPreconditioner(eqx.Module):
     diagonal: Float[Array, " n2"]
 
     def mv(self, r):
-        n = int(round(self.diagonal.shape[0] ** 0.5))
+        dims = self.model.lift.num_spatial_dims
+        grid = (int(round(self.diagonal.shape[0] ** (1 / dims))),) * dims
         dtype = r.dtype
         s = jnp.linalg.norm(r)
         s_safe = jnp.where(s > 0, s, 1)
-        x = (r / s_safe).reshape(n, n)
-        logd = jnp.log(self.diagonal).reshape(n, n)
+        x = (r / s_safe).reshape(grid)
+        logd = jnp.log(self.diagonal).reshape(grid)
         feats = jnp.stack([x, logd - jnp.mean(logd)])
         wdtype = self.model.out.weight.dtype
         z = self.model.unet(feats.astype(wdtype)).astype(dtype)
